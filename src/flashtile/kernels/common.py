@@ -1,0 +1,37 @@
+"""Pieces shared by the forward and backward kernels: tile loads and the visibility mask.
+
+`visible` is the single definition of which (query, key) pairs take part; the forward and both
+backward passes call it, so the three cannot disagree. It mirrors `reference.keep_mask`:
+query row i sees key column j when i < seqlen_q, j < seqlen_k and, if causal,
+j <= i + diag_offset. Its index arguments come already broadcast ((M, 1) and (1, N), or the
+transpose), so the same function serves the forward's qk tile and the backward's qkᵀ tile.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(base, offs_r, offs_c, stride_r, stride_c, n_rows, n_cols,
+              CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a (len(offs_r), len(offs_c)) tile, zero-filled outside the bounds that are checked."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    if CHECK_ROWS and CHECK_COLS:
+        mask = (offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        tile = tl.load(ptrs, mask=offs_c[None, :] < n_cols, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def visible(offs_m, offs_n, seqlen_q, seqlen_k, diag_offset, IS_CAUSAL: tl.constexpr):
+    """Bool tile, broadcast of offs_m and offs_n: query offs_m may attend to key offs_n."""
+    keep = (offs_m < seqlen_q) & (offs_n < seqlen_k)
+    if IS_CAUSAL:
+        keep = keep & (offs_n <= offs_m + diag_offset)
+    return keep

@@ -1,0 +1,30 @@
+"""Shared test set-up: a fresh random seed per session (printed, and settable through
+FLASHTILE_TEST_SEED to replay a failure), and the device the kernels run on."""
+
+import os
+import random
+
+import pytest
+import torch
+
+import flashtile  # noqa: F401  (sets TRITON_INTERPRET=1 on machines without a GPU)
+from flashtile.testing import device
+
+SEED = int(os.environ.get("FLASHTILE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+ON_GPU = torch.cuda.is_available()
+
+
+def pytest_report_header(config):
+    where = torch.cuda.get_device_name() if ON_GPU else "CPU, Triton interpreter"
+    return f"flashtile: seed {SEED} (FLASHTILE_TEST_SEED to replay), kernels on {where}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A different, reproducible stream for every test.
+    torch.manual_seed(SEED + sum(map(ord, request.node.nodeid)))
+
+
+@pytest.fixture
+def dev():
+    return device()

@@ -1,0 +1,161 @@
+"""The kernels against the float64 reference, by FlashAttention's rule (flashtile/testing.py).
+
+On the CPU the kernels run through the Triton interpreter with small unequal blocks
+(32 × 16, kernels/configs.py), so sequence lengths of 17 to 300 already cross the causal
+diagonal, many full blocks and the ragged ends. On a GPU the same tests run compiled, with the
+real block sizes, plus bfloat16 (the interpreter's bf16 tl.dot is wrong, so bf16 is GPU-only)
+and longer sequences.
+"""
+
+import pytest
+import torch
+from conftest import ON_GPU
+
+import flashtile
+from flashtile.testing import check_attention, random_qkv, reference_attention
+
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+
+# (seqlen_q, seqlen_k, head_dim): seqlen 1 and 17 (under one block), lengths that are not
+# multiples of any block, seqlen_q != seqlen_k both ways, head dims that are not powers of two.
+SHAPES = [
+    (1, 1, 64),
+    (17, 17, 40),
+    (113, 113, 64),
+    (64, 150, 80),
+    (150, 64, 96),
+    (97, 203, 16),
+    (130, 33, 256),
+    (8, 300, 24),
+]
+if ON_GPU:
+    SHAPES += [(1000, 1000, 128), (1024, 2048, 64), (2048, 999, 128), (777, 1333, 256)]
+
+
+def run_flashtile(q, k, v, dout, **kwargs):
+    out, lse = flashtile.flash_attn_func(q, k, v, return_lse=True, **kwargs)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+def check_against_reference(name, q, k, v, *, causal, softmax_scale=None):
+    dout = torch.randn_like(q)
+    got = run_flashtile(q, k, v, dout, causal=causal, softmax_scale=softmax_scale)
+    ref = reference_attention(q, k, v, dout, causal=causal, softmax_scale=softmax_scale,
+                              dtype=torch.float64)
+    base = reference_attention(q, k, v, dout, causal=causal, softmax_scale=softmax_scale)
+    check_attention(name, got, ref, base, q.dtype)
+    return got, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqlen_q,seqlen_k,head_dim", SHAPES)
+def test_matches_reference(seqlen_q, seqlen_k, head_dim, causal, dtype, dev):
+    q, k, v = random_qkv(2, seqlen_q, seqlen_k, 3, head_dim, dtype, dev)
+    check_against_reference("flash_attn_func", q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softmax_scale(dtype, dev):
+    q, k, v = random_qkv(1, 70, 90, 2, 32, dtype, dev)
+    check_against_reference("softmax_scale=0.3", q, k, v, causal=True, softmax_scale=0.3)
+
+
+def test_fully_masked_rows_give_zeros(dev):
+    # causal, bottom-right, seqlen_q > seqlen_k: the first seqlen_q - seqlen_k rows see nothing.
+    q, k, v = random_qkv(2, 90, 20, 2, 32, torch.float16, dev)
+    got, ref = check_against_reference("fully masked rows", q, k, v, causal=True)
+    assert bool((got["out"][:, :70] == 0).all())
+    assert bool((got["lse"][:, :, :70] == float("-inf")).all())
+    assert bool((got["dq"][:, :70] == 0).all())
+    assert all(bool(torch.isfinite(got[f]).all()) for f in ("out", "dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize("layout", ["sliced", "heads_first", "strided_last_dim"])
+def test_any_strides(layout, dev):
+    """Inputs reach the kernels through their strides, whatever they are."""
+    B, N, H, D = 2, 77, 3, 32
+    if layout == "sliced":  # every other head of a wider tensor
+        qkv = torch.randn(3, B, N, 2 * H, D, device=dev, dtype=torch.float16)
+        q, k, v = (t[:, :, ::2] for t in qkv)
+    elif layout == "heads_first":  # (B, H, N, D) memory, seen as (B, N, H, D)
+        q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.float16).transpose(1, 2)
+                   for _ in range(3))
+    else:  # head dim with stride 2
+        q, k, v = (torch.randn(B, N, H, 2 * D, device=dev, dtype=torch.float16)[..., ::2]
+                   for _ in range(3))
+    assert not any(t.is_contiguous() for t in (q, k, v))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    check_against_reference(layout, q, k, v, causal=True)
+
+
+def test_rows_of_p_sum_to_one(dev):
+    """With V = 1 everywhere, out = P·1 = rowsum(P): exactly 1 for every row that sees a key."""
+    q, k, _ = random_qkv(2, 100, 80, 2, 48, torch.float32, dev, requires_grad=False)
+    v = torch.ones_like(k)
+    out = flashtile.flash_attn_func(q, k, v, causal=True)
+    sees_a_key = torch.arange(100, device=dev) >= 100 - 80
+    torch.testing.assert_close(out[:, sees_a_key], torch.ones_like(out[:, sees_a_key]),
+                               atol=1e-6, rtol=0)
+    assert bool((out[:, ~sees_a_key] == 0).all())
+
+
+def test_shift_invariance(dev):
+    """Adding u to every key adds q_i·u to all of row i's scores: out is unchanged and lse
+    moves by softmax_scale · q_i·u."""
+    q, k, v = random_qkv(1, 60, 75, 2, 32, torch.float32, dev, requires_grad=False)
+    u = torch.randn(1, 1, 2, 32, device=dev)
+    out, lse = flashtile.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    out2, lse2 = flashtile.flash_attn_func(q, k + u, v, causal=True, return_lse=True)
+    shift = torch.einsum("bmhd,bnhd->bhm", q, u) * 32**-0.5
+    torch.testing.assert_close(out2, out, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse2, lse + shift, atol=2e-5, rtol=0)
+
+
+def test_backward_is_deterministic(dev):
+    q, k, v = random_qkv(2, 150, 130, 2, 64, torch.float16, dev)
+    dout = torch.randn_like(q)
+    first = run_flashtile(q, k, v, dout, causal=True)
+    for _ in range(3):
+        again = run_flashtile(q, k, v, dout, causal=True)
+        for f in ("dq", "dk", "dv"):
+            assert torch.equal(again[f], first[f]), f"{f} differs between backward passes"
+
+
+def test_outputs_fully_written(dev, monkeypatch):
+    """Outputs are allocated NaN-poisoned: every element must be written by the kernels."""
+    real_empty_like = torch.empty_like
+
+    def poisoned_empty_like(t, *args, **kwargs):
+        return real_empty_like(t, *args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
+    q, k, v = random_qkv(1, 95, 45, 2, 40, torch.float16, dev)
+    got = run_flashtile(q, k, v, torch.randn_like(q), causal=True)
+    for field, t in got.items():
+        assert not bool(t.isnan().any()), f"{field} has unwritten elements"
+
+
+@pytest.mark.parametrize("shape_q,shape_k", [
+    ((0, 10, 2, 32), (0, 12, 2, 32)),  # batch 0
+    ((2, 0, 2, 32), (2, 12, 2, 32)),  # seqlen_q 0
+    ((2, 10, 2, 32), (2, 0, 2, 32)),  # seqlen_k 0: no key to see
+])
+def test_empty_inputs_launch_nothing(shape_q, shape_k, dev, monkeypatch):
+    import flashtile.interface as interface
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched on empty input")
+
+    monkeypatch.setattr(interface, "attention_forward", no_launch)
+    monkeypatch.setattr(interface, "attention_backward", no_launch)
+    q = torch.randn(shape_q, device=dev, requires_grad=True)
+    k = torch.randn(shape_k, device=dev, requires_grad=True)
+    v = torch.randn(shape_k, device=dev, requires_grad=True)
+    out, lse = flashtile.flash_attn_func(q, k, v, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (shape_q[0], shape_q[2], shape_q[1])
+    assert bool((out == 0).all()) and bool((lse == float("-inf")).all())
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and bool((t.grad == 0).all())
