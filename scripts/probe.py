@@ -47,7 +47,7 @@ for D, causal, N in shapes:
         o = fn()
         do = torch.randn_like(o)
         tf = bench(fn)
-        tb = bench(lambda: o.backward(do, retain_graph=True))
+        tb = bench(lambda o=o, do=do: o.backward(do, retain_graph=True))
         res[name] = (flops / tf / 1e9, 2.5 * flops / tb / 1e9)
         q.grad = k.grad = v.grad = None
     ft = res["flashtile"]
