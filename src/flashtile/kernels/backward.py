@@ -24,7 +24,7 @@ import triton.language as tl
 
 from flashtile.kernels.common import load_tile, visible
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
