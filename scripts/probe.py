@@ -54,3 +54,10 @@ for D, causal, N in shapes:
     print(f"{D:>4} {causal:>2} {N:>6} | " + " | ".join(
         f"{a:6.0f}/{b:4.0f}" for a, b in res.values()) + " | " + "  ".join(
         f"{ft[0] / res[p][0]:.2f}/{ft[1] / res[p][1]:.2f}" for p in ("flash", "cudnn")), flush=True)
+
+from flashtile.kernels import backward, forward  # noqa: E402
+
+for name, tuned in [("fwd", forward._attn_fwd_tuned), ("bwd_dkdv", backward._attn_bwd_dkdv_tuned),
+                    ("bwd_dq", backward._attn_bwd_dq_tuned)]:
+    for key, cfg in tuned.cache.items():
+        print(f"tuned {name} {key[:4]}: {cfg}")

@@ -19,9 +19,11 @@ Grids: preprocess and dq (cdiv(seqlen_q, BLOCK_M), batch * nheads);
        dkdv (cdiv(seqlen_k, BLOCK_N), batch * nheads).
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from flashtile.kernels import configs
 from flashtile.kernels.common import load_tile, visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -109,6 +111,7 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
     stride_lb, stride_lh,
     nheads, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
+    seqlen_bucket,  # autotuning key only (configs.seqlen_bucket)
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -207,6 +210,7 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_lb, stride_lh,
     nheads, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
+    seqlen_bucket,  # autotuning key only (configs.seqlen_bucket)
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -254,45 +258,53 @@ def _attn_bwd_dq(
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
+
+def _tuned(kernel, name: str):
+    return triton.autotune(
+        configs.tuning_space(name), key=configs.TUNING_KEY, cache_results=True,
+        prune_configs_by={"early_config_prune": configs.pruner(name)})(kernel)
+
+
+_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, "bwd_dkdv")
+_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, "bwd_dq")
+
+
+def _pick(name: str, kernel, tuned):
+    """The kernel to launch and its launch arguments: fixed config, or the autotuner."""
+    fixed = configs.fixed_config(name)
+    return (kernel, fixed.launch_kwargs()) if fixed else (tuned, {})
+
+
 def attention_backward(do, q, k, v, out, lse, softmax_scale: float, causal: bool,
                        diag_offset: int):
     """Launch the backward: Delta, then dK and dV, then dQ. Layouts as attention_forward.
 
     Returns dq, dk, dv in the inputs' dtypes and memory layouts.
     """
-    import torch
-
-    from flashtile.kernels.configs import PREPROCESS_BLOCK_M, get_config, head_dim_pad
-
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k = k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    qk_scale = softmax_scale * 1.4426950408889634
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim))
+    per_kernel = dict(IS_CAUSAL=causal, DOT_PRECISION=configs.dot_precision(q.dtype), **common)
+    scalars = (nheads, seqlen_q, seqlen_k, diag_offset, softmax_scale * 1.4426950408889634,
+               softmax_scale, configs.seqlen_bucket(seqlen_q, seqlen_k))
 
-    grid = (triton.cdiv(seqlen_q, PREPROCESS_BLOCK_M), batch * nheads)
+    grid = (triton.cdiv(seqlen_q, configs.PREPROCESS_BLOCK_M), batch * nheads)
     _attn_bwd_preprocess[grid](
         out, do, delta, *out.stride(), *do.stride(), lse.stride(0), lse.stride(1),
-        nheads, seqlen_q, BLOCK_M=PREPROCESS_BLOCK_M, **common,
+        nheads, seqlen_q, BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
     )
-    cfg = get_config("bwd_dkdv", head_dim, q.dtype)
-    grid = (triton.cdiv(seqlen_k, cfg.BLOCK_N), batch * nheads)
-    _attn_bwd_dkdv[grid](
+    kernel, launch = _pick("bwd_dkdv", _attn_bwd_dkdv, _attn_bwd_dkdv_tuned)
+    kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        lse.stride(0), lse.stride(1),
-        nheads, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
-        IS_CAUSAL=causal, DOT_PRECISION=precision, **common, **cfg.launch_kwargs(),
+        lse.stride(0), lse.stride(1), *scalars, **per_kernel, **launch,
     )
-    cfg = get_config("bwd_dq", head_dim, q.dtype)
-    grid = (triton.cdiv(seqlen_q, cfg.BLOCK_M), batch * nheads)
-    _attn_bwd_dq[grid](
+    kernel, launch = _pick("bwd_dq", _attn_bwd_dq, _attn_bwd_dq_tuned)
+    kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        lse.stride(0), lse.stride(1),
-        nheads, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
-        IS_CAUSAL=causal, DOT_PRECISION=precision, **common, **cfg.launch_kwargs(),
+        lse.stride(0), lse.stride(1), *scalars, **per_kernel, **launch,
     )
     return dq, dk, dv

@@ -1,17 +1,29 @@
-"""Block sizes, warps and pipeline depth for each kernel, per head dim and dtype.
+"""Block sizes, warps and pipeline depth for each kernel: fixed under the interpreter, autotuned
+over a small pruned set per head dim on the GPU.
 
 Under the Triton interpreter (CPU) the blocks are small and unequal (BLOCK_M != BLOCK_N), so that
 tests of modest sequence lengths cross many blocks, the causal diagonal and the ragged ends.
-On the GPU the sizes are chosen per padded head dim; docs/performance.md records why.
+
+On the GPU each kernel is wrapped in `triton.autotune` over the candidates below, keyed by the
+padded head dim, causality, dot precision and a log2 bucket of the sequence length; the winner is
+cached in memory and on disk (Triton's cache directory), so only the first call of a new key
+pays for tuning. The candidate lists were pruned from larger sweeps on an H100
+(docs/performance.md).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
+
+log = logging.getLogger("flashtile")
+
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+PREPROCESS_BLOCK_M = 64
 
 
 @dataclass(frozen=True)
@@ -41,42 +53,101 @@ def head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def seqlen_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """Autotuning key for the sequence length: log2 of the longer one, capped at 16k."""
+    return min(max(seqlen_q, seqlen_k, 1), 16384).bit_length()
+
+
 def set_override(kernel: str, config: KernelConfig | None) -> None:
-    """Force a config for one kernel ("fwd", "bwd_dkdv", "bwd_dq"); None removes it. For tests."""
+    """Force a config for one kernel ("fwd", "bwd_dkdv", "bwd_dq"); None removes it.
+    For tests and tuning sweeps."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if config is None:
         _override.pop(kernel, None)
     else:
         _override[kernel] = config
 
 
-def get_config(kernel: str, head_dim: int, dtype: torch.dtype) -> KernelConfig:
+def fixed_config(kernel: str) -> KernelConfig | None:
+    """The config to launch with directly, or None to let the autotuner choose."""
     if kernel in _override:
         return _override[kernel]
     if interpreting():
         return _INTERPRETER
-    d = head_dim_pad(head_dim)
-    wide = dtype == torch.float32  # 4-byte tiles: half the elements fit in shared memory
-    if kernel == "fwd":
-        if d <= 64:
-            return KernelConfig(128, 64, num_warps=4, num_stages=3)
-        if d <= 128:
-            return KernelConfig(128, 32 if wide else 64, num_warps=8, num_stages=2 if wide else 3)
-        return KernelConfig(64, 32, num_warps=8, num_stages=2 if wide else 3)
-    if kernel == "bwd_dkdv":
-        if d <= 64:
-            return KernelConfig(32, 128, num_warps=4, num_stages=3)
-        if d <= 128:
-            return KernelConfig(32 if wide else 64, 128 if not wide else 64, num_warps=8,
-                                num_stages=2)
-        return KernelConfig(16, 64, num_warps=8, num_stages=1)
-    if kernel == "bwd_dq":
-        if d <= 64:
-            return KernelConfig(128, 32, num_warps=4, num_stages=3)
-        if d <= 128:
-            return KernelConfig(128 if not wide else 64, 32 if not wide else 32, num_warps=8,
-                                num_stages=2)
-        return KernelConfig(64, 16, num_warps=8, num_stages=1)
-    raise ValueError(f"unknown kernel {kernel!r}")
+    return None
 
 
-PREPROCESS_BLOCK_M = 64
+# -- GPU candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim --
+# float32 (IEEE dots) tiles take twice the shared memory: they get the small-tile lists.
+_CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "fwd": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 4, 4), (128, 128, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
+              (128, 128, 8, 2), (64, 64, 4, 3)],
+        256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+    },
+    "bwd_dkdv": {
+        64: [(32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
+        128: [(64, 128, 8, 2), (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
+              (64, 64, 4, 3), (32, 64, 4, 4)],
+        256: [(16, 64, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 4, 2)],
+    },
+    "bwd_dq": {
+        64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+        128: [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
+              (128, 64, 8, 3), (64, 32, 4, 4)],
+        256: [(64, 16, 8, 1), (64, 32, 8, 1), (32, 32, 4, 2), (64, 32, 8, 2)],
+    },
+}
+_CANDIDATES_FP32: dict[str, list[tuple[int, int, int, int]]] = {
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+    "bwd_dkdv": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    "bwd_dq": [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+}
+
+
+def _tag(config: triton.Config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+            config.num_stages)
+
+
+def tuning_space(kernel: str) -> list[triton.Config]:
+    """Every candidate of a kernel, all head dims together; `prune` keeps the relevant ones."""
+    tags = {t for per_dim in _CANDIDATES[kernel].values() for t in per_dim}
+    tags |= set(_CANDIDATES_FP32[kernel])
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in sorted(tags)]
+
+
+def candidates(kernel: str, head_dim_padded: int, precision: str) -> list[tuple]:
+    if precision == "ieee":
+        cands = list(_CANDIDATES_FP32[kernel])
+        if head_dim_padded > 128:  # halve the key/value tiles again
+            cands = [(max(16, m // 2), max(16, n // 2), w, 1) for m, n, w, _ in cands]
+        return cands
+    dims = sorted(_CANDIDATES[kernel])
+    nearest = next((d for d in dims if d >= head_dim_padded), dims[-1])
+    return _CANDIDATES[kernel][nearest]
+
+
+def pruner(kernel: str):
+    """early_config_prune for triton.autotune: the candidates of this head dim and precision,
+    logging once per key that tuning is under way."""
+
+    def prune(configs, named_args, **kwargs):
+        wanted = set(candidates(kernel, kwargs["HEAD_DIM_PAD"], kwargs["DOT_PRECISION"]))
+        kept = [c for c in configs if _tag(c) in wanted]
+        log.info("flashtile: autotuning %s for head dim %d over %d configs (once per shape "
+                 "bucket; cached on disk)", kernel, kwargs["HEAD_DIM"], len(kept))
+        return kept
+
+    return prune
+
+
+TUNING_KEY = ["HEAD_DIM_PAD", "IS_CAUSAL", "DOT_PRECISION", "seqlen_bucket"]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs are computed to float32 accuracy: IEEE dots, never tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -20,9 +20,11 @@ SDPA layout (batch, heads, seqlen, headdim) runs without copies.
 Grid: (cdiv(seqlen_q, BLOCK_M), batch * nheads).
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from flashtile.kernels import configs
 from flashtile.kernels.common import load_tile, visible
 
 
@@ -70,6 +72,7 @@ def _attn_fwd(
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh,
     nheads, seqlen_q, seqlen_k, diag_offset, qk_scale,
+    seqlen_bucket,  # autotuning key only (configs.seqlen_bucket)
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -121,29 +124,37 @@ def _attn_fwd(
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
+
+_attn_fwd_tuned = triton.autotune(
+    configs.tuning_space("fwd"), key=configs.TUNING_KEY, cache_results=True,
+    prune_configs_by={"early_config_prune": configs.pruner("fwd")})(_attn_fwd)
+
+
 def attention_forward(q, k, v, softmax_scale: float, causal: bool, diag_offset: int):
     """Launch the forward. q: (B, Nq, H, D), k, v: (B, Nk, H, D), any strides.
 
     Returns out (B, Nq, H, D) in q's dtype, with q's memory layout, and lse (B, H, Nq) float32,
     natural log. Inputs are assumed validated (interface.py).
     """
-    import torch
-
-    from flashtile.kernels.configs import get_config, head_dim_pad
-
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(batch, nheads, seqlen_q, device=q.device, dtype=torch.float32)
-    cfg = get_config("fwd", head_dim, q.dtype)
-    grid = (triton.cdiv(seqlen_q, cfg.BLOCK_M), batch * nheads)
-    _attn_fwd[grid](
+    fixed = configs.fixed_config("fwd")
+    kernel = _attn_fwd if fixed else _attn_fwd_tuned
+    launch = fixed.launch_kwargs() if fixed else {}
+
+    def grid(meta):
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)
+
+    kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1),
         nheads, seqlen_q, seqlen_k, diag_offset, softmax_scale * 1.4426950408889634,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim),
-        IS_CAUSAL=causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **cfg.launch_kwargs(),
+        configs.seqlen_bucket(seqlen_q, seqlen_k),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim),
+        IS_CAUSAL=causal, DOT_PRECISION=configs.dot_precision(q.dtype),
+        **launch,
     )
     return out, lse
