@@ -1,0 +1,449 @@
+"""Numerical checks of every identity stated in docs/derivation.md, in float64 on the CPU.
+
+One test per identity; the document names the test that checks each of its lines. Inputs are
+fresh standard-normal tensors from torch's generator, which tests/conftest.py seeds per test
+(FLASHTILE_TEST_SEED replays a session); tolerances are float64-tight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from flashtile.reference import (
+    LOG2E,
+    attention_naive,
+    attention_tiled_backward,
+    attention_tiled_forward,
+    keep_mask,
+)
+
+F64 = torch.float64
+TOL = {"rtol": 0.0, "atol": 1e-12}  # the quantities compared below are O(1)
+
+
+def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(*shape, dtype=F64)
+
+
+def qkv(B: int, H: int, Nq: int, Nk: int, D: int) -> tuple[torch.Tensor, ...]:
+    return (
+        randn(B, H, Nq, D),
+        randn(B, H, Nk, D),
+        randn(B, H, Nk, D),
+        randn(B, H, Nq, D),
+    )
+
+
+# §1 -- Jacobian of Y = X W ------------------------------------------------------------------
+
+
+def test_matmul_jacobian_is_block_diagonal():
+    X, W = randn(2, 3), randn(3, 4)  # the notes' sizes
+    JX = jacobian(lambda X: X @ W, X).reshape(2 * 4, 2 * 3)  # rows (i, a), columns (k, b)
+    JW = jacobian(lambda W: X @ W, W).reshape(2 * 4, 3 * 4)  # rows (i, a), columns (b, c)
+    torch.testing.assert_close(
+        JX, torch.kron(torch.eye(2, dtype=F64), W.T.contiguous()), rtol=0, atol=0
+    )
+    torch.testing.assert_close(JW, torch.kron(X, torch.eye(4, dtype=F64)), rtol=0, atol=0)
+    assert JX.numel() == 48 and X.numel() == 6  # the Jacobian is much bigger than dX
+
+
+def test_matmul_vjp_without_jacobian():
+    X, W, dY = randn(5, 3), randn(3, 4), randn(5, 4)
+    JX = jacobian(lambda X: X @ W, X)  # (5, 4, 5, 3)
+    JW = jacobian(lambda W: X @ W, W)  # (5, 4, 3, 4)
+    dX_jac = torch.einsum("ia,iakb->kb", dY, JX)  # dY · ∂Y/∂X, through the full Jacobian
+    dW_jac = torch.einsum("ia,iabc->bc", dY, JW)
+    Xr, Wr = X.clone().requires_grad_(), W.clone().requires_grad_()
+    (Xr @ Wr).backward(dY)
+    for got in (dX_jac, Xr.grad):
+        torch.testing.assert_close(got, dY @ W.T, **TOL)
+    for got in (dW_jac, Wr.grad):
+        torch.testing.assert_close(got, X.T @ dY, **TOL)
+
+
+# §2 -- Jacobian of the softmax --------------------------------------------------------------
+
+
+def test_softmax_jacobian():
+    s = randn(7, scale=2.0)
+    p = torch.softmax(s, -1)
+    J = jacobian(lambda s: torch.softmax(s, -1), s)  # J[j, k] = ∂p_j / ∂s_k
+    torch.testing.assert_close(J, torch.diag(p) - torch.outer(p, p), **TOL)
+    # the notes' two cases: j == k gives p_j (1 - p_j), j != k gives -p_j p_k
+    torch.testing.assert_close(J.diagonal(), p * (1 - p), **TOL)
+    torch.testing.assert_close(J[2, 5], -p[2] * p[5], **TOL)
+
+
+def test_softmax_jacobian_symmetric_and_shift_invariant():
+    p = torch.softmax(randn(9, scale=3.0), -1)
+    J = torch.diag(p) - torch.outer(p, p)
+    torch.testing.assert_close(J, J.T, rtol=0, atol=0)
+    torch.testing.assert_close(J @ torch.ones(9, dtype=F64), torch.zeros(9, dtype=F64), **TOL)
+    s = randn(9)
+    torch.testing.assert_close(torch.softmax(s + 123.4, -1), torch.softmax(s, -1), **TOL)
+
+
+def test_softmax_vjp():
+    S, dP = randn(6, 11, scale=2.0), randn(6, 11)
+    P = torch.softmax(S, -1)
+    via_jacobian = torch.stack(
+        [(torch.diag(P[i]) - torch.outer(P[i], P[i])) @ dP[i] for i in range(6)]
+    )
+    closed_form = P * (dP - (P * dP).sum(-1, keepdim=True))
+    Sr = S.clone().requires_grad_()
+    torch.softmax(Sr, -1).backward(dP)
+    torch.testing.assert_close(closed_form, via_jacobian, **TOL)
+    torch.testing.assert_close(closed_form, Sr.grad, **TOL)
+
+
+# §4 -- the backward, line by line -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_closed_forms_match_autograd(causal):
+    Q, K, V, dO = qkv(2, 3, 10, 13, 8)  # Nq <= Nk: every row sees a key (see §10)
+    scale = 0.37
+    Qr, Kr, Vr = (t.clone().requires_grad_() for t in (Q, K, V))
+    S = scale * Qr @ Kr.transpose(-2, -1)
+    S = S.masked_fill(~keep_mask(10, 13, causal), float("-inf"))
+    S.retain_grad()
+    Pr = torch.softmax(S, -1)
+    Pr.retain_grad()
+    (Pr @ Vr).backward(dO)  # φ = Σ O ∘ dO, so ∂φ/∂O = dO
+    P = Pr.detach()
+    dP = dO @ V.transpose(-2, -1)
+    dS = P * (dP - (P * dP).sum(-1, keepdim=True))
+    torch.testing.assert_close(Vr.grad, P.transpose(-2, -1) @ dO, **TOL)  # dV = Pᵀ dO
+    torch.testing.assert_close(Pr.grad, dP, **TOL)  # dP = dO Vᵀ
+    torch.testing.assert_close(dS, S.grad, **TOL)  # dS = P ∘ (dP − rowsum(P ∘ dP))
+    torch.testing.assert_close(Qr.grad, scale * dS @ K, **TOL)  # dQ = scale dS K
+    torch.testing.assert_close(Kr.grad, scale * dS.transpose(-2, -1) @ Q, **TOL)  # dK
+
+
+# §5 -- Delta ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_delta_identity(causal):
+    Q, K, V, dO = qkv(2, 2, 21, 15, 6)
+    O, lse = attention_naive(Q, K, V, causal=causal, dtype=F64)
+    S = Q @ K.transpose(-2, -1) / math.sqrt(6)
+    P = torch.exp(S - lse[..., None]).masked_fill(~keep_mask(21, 15, causal), 0.0)
+    dP = dO @ V.transpose(-2, -1)
+    torch.testing.assert_close((P * dP).sum(-1), (dO * O).sum(-1), **TOL)
+
+
+# §6 -- online softmax ------------------------------------------------------------------------
+
+
+def online_softmax(s: torch.Tensor, v: torch.Tensor, sizes: list[int], check_invariant: bool):
+    """One row of scores s (N,) and values v (N, D), read in blocks of the given sizes."""
+    m, l, acc = torch.tensor(float("-inf"), dtype=F64), torch.tensor(0.0, dtype=F64), 0 * v[0]
+    end = 0
+    for size in sizes:
+        blk = slice(end, end + size)
+        end += size
+        m_new = torch.maximum(m, s[blk].max())
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(s[blk] - m_new)
+        l = alpha * l + p.sum()
+        acc = alpha * acc + p @ v[blk]
+        m = m_new
+        if check_invariant:  # the state is the softmax of the prefix, kept under its max
+            torch.testing.assert_close(m, s[:end].max(), rtol=0, atol=0)
+            torch.testing.assert_close(l, torch.exp(s[:end] - m).sum(), **TOL)
+            torch.testing.assert_close(acc, torch.exp(s[:end] - m) @ v[:end], **TOL)
+    return m, l, acc
+
+
+@pytest.mark.parametrize("sizes", [[40], [1] * 40, [16, 16, 8], [3, 17, 1, 9, 10], [8, 8, 8, 8, 8]])
+@pytest.mark.parametrize("increasing", [False, True])
+def test_online_softmax_invariant(sizes, increasing):
+    s, v = randn(40, scale=10.0), randn(40, 5)
+    if increasing:  # the max changes at every block: every step rescales
+        s = s.sort().values
+    m, l, acc = online_softmax(s, v, sizes, check_invariant=True)
+    torch.testing.assert_close(acc / l, torch.softmax(s, -1) @ v, **TOL)
+    torch.testing.assert_close(m + torch.log(l), torch.logsumexp(s, -1), **TOL)
+    assert 1.0 <= l.item() <= 40.0  # the max term contributes exactly exp(0) = 1
+
+
+# §7 -- lse is all the backward needs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_p_recomputed_from_lse(causal):
+    Q, K, V, _ = qkv(2, 2, 29, 33, 16)
+    S = (Q @ K.transpose(-2, -1) / 4.0).masked_fill(~keep_mask(29, 33, causal), float("-inf"))
+    P = torch.softmax(S, -1)
+    _, lse_naive = attention_naive(Q, K, V, causal=causal, dtype=F64)
+    _, lse_tiled = attention_tiled_forward(Q, K, V, causal=causal, BLOCK_M=16, BLOCK_N=16)
+    for lse in (lse_naive, lse_tiled):
+        torch.testing.assert_close(torch.exp(S - lse[..., None]), P, **TOL)
+
+
+# §8 -- base 2, scale folded in ----------------------------------------------------------------
+
+
+def test_exp2_scale_folding():
+    x, scale = randn(1000, scale=5.0), 0.125
+    assert abs(LOG2E - 1.0 / math.log(2.0)) < 1e-15
+    torch.testing.assert_close(
+        torch.exp2(x * (scale * LOG2E)), torch.exp(x * scale), rtol=1e-14, atol=0
+    )
+
+
+def test_lse_from_base2_state():
+    s, scale = randn(4, 50, scale=3.0), 0.3  # raw scores q·k
+    qk = s * (scale * LOG2E)  # what the kernel holds: scores in log2 units
+    m2 = qk.amax(-1)
+    l = torch.exp2(qk - m2[:, None]).sum(-1)
+    lse = (m2 + torch.log2(l)) / LOG2E  # == (m2 + log2 l) · ln 2
+    torch.testing.assert_close(lse, torch.logsumexp(scale * s, -1), **TOL)
+    torch.testing.assert_close(m2 / LOG2E, (scale * s).amax(-1), **TOL)  # m2 = m · log2 e
+    # the backward's recomputation in base 2: exp2(qk − lse · log2 e) == softmax
+    p = torch.exp2(qk - (lse * LOG2E)[:, None])
+    torch.testing.assert_close(p, torch.softmax(scale * s, -1), **TOL)
+
+
+@pytest.mark.parametrize("M", [1.0, 16.0, 64.0])
+def test_recompute_error_scales_with_score(M):
+    """Recomputing p = exp2(qk − lse2) in float32: the inputs' roundoff, eps/2 · (|qk| + |lse2|),
+    becomes a relative error of p (times ln 2 < 1), on top of exp2's own few eps."""
+    eps = torch.finfo(torch.float32).eps
+    qk = randn(64, 256)
+    qk = M * qk / qk.abs().amax(-1, keepdim=True)  # scores in log2 units, max |qk| = M per row
+    lse2 = torch.logsumexp(qk / LOG2E, -1) * LOG2E  # exact, in log2 units
+    p = torch.exp2(qk - lse2[:, None])
+    p32 = torch.exp2(qk.float() - lse2.float()[:, None]).double()
+    rel = (p32 - p).abs() / p
+    bound = eps * (qk.abs() + lse2.abs()[:, None] + 2.0)
+    assert bool((rel <= bound).all())
+    if M == 64.0:
+        assert rel.max().item() > 4 * eps  # the error does grow with |qk|, beyond a few eps
+
+
+# §9 -- masked blocks can be skipped ----------------------------------------------------------
+
+
+def online_step(m_i, l_i, acc, qk, v):
+    """One key block of the forward kernel, exactly as in reference.attention_tiled_forward."""
+    m_ij = torch.maximum(m_i, qk.amax(-1))
+    m_safe = torch.where(m_ij == float("-inf"), 0.0, m_ij)
+    p = torch.exp2(qk - m_safe[..., None])
+    alpha = torch.exp2(m_i - m_safe)
+    return m_ij, l_i * alpha + p.sum(-1), acc * alpha[..., None] + p @ v
+
+
+def test_masked_block_update_is_identity():
+    m_i = randn(6)
+    m_i[:2] = float("-inf")  # two rows that have seen nothing yet
+    l_i = torch.exp(randn(6)) + 1.0
+    l_i[:2] = 0.0
+    acc = randn(6, 4)
+    acc[:2] = 0.0
+    qk = torch.full((6, 8), float("-inf"), dtype=F64)  # a fully masked block
+    m_new, l_new, acc_new = online_step(m_i, l_i, acc, qk, randn(8, 4))
+    assert torch.equal(m_new, m_i) and torch.equal(l_new, l_i) and torch.equal(acc_new, acc)
+
+
+def tiled_forward_no_skip(Q, K, V, diag_offset, BLOCK_M, BLOCK_N):
+    """attention_tiled_forward(causal=True) visiting every block, masked ones included."""
+    B, H, Nq, D = Q.shape
+    Nk = K.shape[-2]
+    qk_scale = (1.0 / math.sqrt(D)) * LOG2E  # the same rounding as the reference
+    O, LSE, masked_blocks = torch.empty_like(Q), torch.empty(B, H, Nq, dtype=F64), 0
+    for start_m in range(0, Nq, BLOCK_M):
+        offs_m = torch.arange(start_m, min(start_m + BLOCK_M, Nq))
+        m_i = torch.full((B, H, len(offs_m)), float("-inf"), dtype=F64)
+        l_i, acc = torch.zeros_like(m_i), torch.zeros(B, H, len(offs_m), D, dtype=F64)
+        for start_n in range(0, Nk, BLOCK_N):
+            offs_n = torch.arange(start_n, min(start_n + BLOCK_N, Nk))
+            qk = (Q[:, :, offs_m] @ K[:, :, offs_n].transpose(-2, -1)) * qk_scale
+            masked = offs_n[None, :] > offs_m[:, None] + diag_offset
+            masked_blocks += bool(masked.all())
+            qk = qk.masked_fill(masked, float("-inf"))
+            m_i, l_i, acc = online_step(m_i, l_i, acc, qk, V[:, :, offs_n])
+        l_safe = torch.where(l_i == 0, 1.0, l_i)
+        O[:, :, offs_m] = acc / l_safe[..., None]
+        LSE[:, :, offs_m] = torch.where(l_i == 0, float("-inf"), (m_i + torch.log2(l_safe)) / LOG2E)
+    return O, LSE, masked_blocks
+
+
+def tiled_backward_no_skip(Q, K, V, O, dO, LSE, diag_offset, BLOCK_M, BLOCK_N):
+    """attention_tiled_backward(causal=True) visiting every block, masked ones included."""
+    Nq, D, Nk = Q.shape[-2], Q.shape[-1], K.shape[-2]
+    scale = 1.0 / math.sqrt(D)
+    qk_scale = scale * LOG2E  # the same rounding as the reference
+    Delta = (dO * O).sum(-1)
+    LSE2 = torch.where(LSE == float("-inf"), float("inf"), LSE * LOG2E)
+    dQ, dK, dV = torch.zeros_like(Q), torch.zeros_like(K), torch.zeros_like(V)
+    blocks = [(m, n) for n in range(0, Nk, BLOCK_N) for m in range(0, Nq, BLOCK_M)]
+    for pass_ in ("dkdv", "dq"):
+        for start_m, start_n in blocks if pass_ == "dkdv" else sorted(blocks):
+            offs_m = torch.arange(start_m, min(start_m + BLOCK_M, Nq))
+            offs_n = torch.arange(start_n, min(start_n + BLOCK_N, Nk))
+            q, k, v = Q[:, :, offs_m], K[:, :, offs_n], V[:, :, offs_n]
+            qk = (q @ k.transpose(-2, -1)) * qk_scale
+            p = torch.exp2(qk - LSE2[:, :, offs_m, None])
+            p = p.masked_fill(offs_n[None, :] > offs_m[:, None] + diag_offset, 0.0)
+            ds = p * (dO[:, :, offs_m] @ v.transpose(-2, -1) - Delta[:, :, offs_m, None])
+            if pass_ == "dkdv":
+                dV[:, :, offs_n] += p.transpose(-2, -1) @ dO[:, :, offs_m]
+                dK[:, :, offs_n] += ds.transpose(-2, -1) @ q
+            else:
+                dQ[:, :, offs_m] += ds @ k
+    return dQ * scale, dK * scale, dV
+
+
+def kept_block_area(Nq, Nk, diag_offset, BLOCK_M, BLOCK_N):
+    """Σ |block| over the (query block, key block) pairs with at least one kept entry."""
+    keep = keep_mask(Nq, Nk, True, diag_offset)
+    return sum(
+        min(BLOCK_M, Nq - m) * min(BLOCK_N, Nk - n)
+        for m in range(0, Nq, BLOCK_M)
+        for n in range(0, Nk, BLOCK_N)
+        if keep[m : m + BLOCK_M, n : n + BLOCK_N].any()
+    )
+
+
+SKIP_CASES = [(65, 65, None), (17, 65, None), (65, 17, None), (40, 70, 0), (70, 40, 0)]
+
+
+@pytest.mark.parametrize("Nq,Nk,diag_offset", SKIP_CASES)
+def test_forward_block_skipping_is_exact(Nq, Nk, diag_offset):
+    Q, K, V, _ = qkv(2, 2, Nq, Nk, 8)
+    off = Nk - Nq if diag_offset is None else diag_offset
+    O_ref, LSE_ref = attention_tiled_forward(Q, K, V, None, True, diag_offset, 16, 32)
+    O, LSE, masked_blocks = tiled_forward_no_skip(Q, K, V, off, 16, 32)
+    assert masked_blocks > 0
+    assert torch.equal(O, O_ref) and torch.equal(LSE, LSE_ref)  # bit for bit
+    with FlopCounterMode(display=False) as fc:  # the reference skips exactly the masked blocks
+        attention_tiled_forward(Q, K, V, None, True, diag_offset, 16, 32)
+    assert fc.get_total_flops() == 2 * 2 * 4 * 8 * kept_block_area(Nq, Nk, off, 16, 32)
+
+
+@pytest.mark.parametrize("Nq,Nk,diag_offset", SKIP_CASES)
+def test_backward_block_skipping_is_exact(Nq, Nk, diag_offset):
+    Q, K, V, dO = qkv(2, 2, Nq, Nk, 8)
+    off = Nk - Nq if diag_offset is None else diag_offset
+    O, LSE = attention_tiled_forward(Q, K, V, None, True, diag_offset, 16, 32)
+    ref = attention_tiled_backward(Q, K, V, O, dO, LSE, None, True, diag_offset, 16, 32)
+    got = tiled_backward_no_skip(Q, K, V, O, dO, LSE, off, 16, 32)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)  # bit for bit: a masked block adds exact zeros
+    with FlopCounterMode(display=False) as fc:
+        attention_tiled_backward(Q, K, V, O, dO, LSE, None, True, diag_offset, 16, 32)
+    assert fc.get_total_flops() == 2 * 2 * 14 * 8 * kept_block_area(Nq, Nk, off, 16, 32)
+
+
+# §10 -- rows that see nothing ----------------------------------------------------------------
+
+
+def test_fully_masked_rows_forward():
+    Q, K, V, _ = qkv(2, 2, 40, 17, 8)  # bottom-right causal: rows 0..22 see no key
+    for O, LSE in (
+        attention_naive(Q, K, V, causal=True, dtype=F64),
+        attention_tiled_forward(Q, K, V, causal=True, BLOCK_M=16, BLOCK_N=16),
+    ):
+        assert torch.equal(O[:, :, :23], torch.zeros_like(O[:, :, :23]))
+        assert bool((LSE[:, :, :23] == float("-inf")).all())
+        assert bool(LSE[:, :, 23:].isfinite().all()) and bool((O[:, :, 23:] != 0).all())
+
+
+def test_fully_masked_rows_backward():
+    Q, K, V, dO = qkv(2, 2, 40, 17, 8)
+    Qr, Kr, Vr = (t.clone().requires_grad_() for t in (Q, K, V))
+    attention_naive(Qr, Kr, Vr, causal=True, dtype=F64)[0].backward(dO)
+    O, LSE = attention_tiled_forward(Q, K, V, causal=True, BLOCK_M=16, BLOCK_N=16)
+    dQ, dK, dV = attention_tiled_backward(Q, K, V, O, dO, LSE, None, True, None, 16, 16)
+    assert torch.equal((dO * O).sum(-1)[:, :, :23], torch.zeros(2, 2, 23, dtype=F64))  # Delta
+    assert torch.equal(dQ[:, :, :23], torch.zeros_like(dQ[:, :, :23]))
+    assert torch.equal(Qr.grad[:, :, :23], torch.zeros_like(dQ[:, :, :23]))
+    for got, want in ((dQ, Qr.grad), (dK, Kr.grad), (dV, Vr.grad)):
+        torch.testing.assert_close(got, want, **TOL)
+    # the masked rows' dO does not reach dK, dV: changing it changes nothing
+    dO2 = dO.clone()
+    dO2[:, :, :23] = randn(2, 2, 23, 8)
+    grads2 = attention_tiled_backward(Q, K, V, O, dO2, LSE, None, True, None, 16, 16)
+    for a, b in zip(grads2, (dQ, dK, dV)):
+        assert torch.equal(a, b)
+
+
+def test_plus_inf_trick():
+    qk = randn(3, 5)
+    qk[0] = float("-inf")  # row 0 is fully masked; its lse is -inf
+    lse2 = torch.tensor([float("-inf"), 0.5, -0.25], dtype=F64)
+    fixed = torch.where(lse2 == float("-inf"), float("inf"), lse2)
+    # mask applied to qk before exp2 (as in the forward): -inf - (-inf) = nan
+    assert bool(torch.exp2(qk - lse2[:, None])[0].isnan().all())
+    assert torch.equal(torch.exp2(qk - fixed[:, None])[0], torch.zeros(5, dtype=F64))
+    # mask applied after exp2 (as in the reference backward): exp2(+inf) = inf, and inf · 0 = nan
+    raw = randn(3, 5)
+    assert bool(torch.exp2(raw - lse2[:, None])[0].isinf().all())
+    assert torch.equal(torch.exp2(raw - fixed[:, None])[0], torch.zeros(5, dtype=F64))
+    # the other rows are untouched
+    torch.testing.assert_close(
+        torch.exp2(qk - fixed[:, None])[1:], torch.exp2(qk - lse2[:, None])[1:]
+    )
+
+
+# §11 -- memory -------------------------------------------------------------------------------
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor produced by any operation run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_extra_memory_is_linear():
+    B, H, N, D, BLOCK = 1, 2, 256, 16, 32
+    Q, K, V, dO = qkv(B, H, N, N, D)
+    with LargestTensor() as naive:
+        attention_naive(Q, K, V, dtype=F64)
+    with LargestTensor() as tiled:
+        O, LSE = attention_tiled_forward(Q, K, V, BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+        attention_tiled_backward(Q, K, V, O, dO, LSE, BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+    assert naive.numel >= B * H * N * N  # S and P
+    assert tiled.numel <= B * H * max(N * D, BLOCK * BLOCK)  # inputs, outputs, one tile
+    assert LSE.shape == (B, H, N)  # what the forward keeps besides O: N numbers per head
+
+
+# §12 -- FLOPs --------------------------------------------------------------------------------
+
+
+def test_flop_counts():
+    B, H, Nq, Nk, D = 2, 3, 48, 40, 8
+    unit = B * H * Nq * Nk * D  # one (Nq × D) · (D × Nk) matmul is 2 · unit FLOPs
+    Q, K, V, dO = qkv(B, H, Nq, Nk, D)
+    with FlopCounterMode(display=False) as fwd:
+        O, LSE = attention_tiled_forward(Q, K, V, BLOCK_M=16, BLOCK_N=16)
+    with FlopCounterMode(display=False) as bwd:
+        attention_tiled_backward(Q, K, V, O, dO, LSE, BLOCK_M=16, BLOCK_N=16)
+    Qr, Kr, Vr = (t.clone().requires_grad_() for t in (Q, K, V))
+    On, _ = attention_naive(Qr, Kr, Vr, dtype=F64)
+    with FlopCounterMode(display=False) as naive_bwd:
+        On.backward(dO)
+    assert fwd.get_total_flops() == 4 * unit  # 2 matmuls: q kᵀ and p v
+    assert naive_bwd.get_total_flops() == 8 * unit  # 4 matmuls, P kept from the forward
+    # FlashAttention's nominal backward: those 4 plus one recomputation of q kᵀ = 2.5 · forward
+    assert (naive_bwd.get_total_flops() + 2 * unit) / fwd.get_total_flops() == 2.5
+    assert bwd.get_total_flops() == 14 * unit  # two passes: 7 matmuls executed = 3.5 · forward
