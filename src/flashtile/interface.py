@@ -96,27 +96,31 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], nd
                          "(or the CPU through the Triton interpreter)")
 
 
-def _check_qkv(q, k, v) -> None:
-    """q: (B, Nq, H, D); k, v: (B, Nk, H_k, D), the FlashAttention layout."""
-    _check_tensors(("q", "k", "v"), (q, k, v), 4, "(batch, seqlen, nheads, headdim)")
+def _check_qkv(q, k, v, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+    """q: (B, Nq, H, D); k, v: (B, Nk, H_k, D), the FlashAttention layout. `names` are the
+    caller's names for the three tensors, so that messages name what the user passed."""
+    nq, nk, nv = names
     batch, _, nheads, head_dim = q.shape
-    for name, t in (("k", k), ("v", v)):
+    for name, t in ((nk, k), (nv, v)):
         if t.shape[0] != batch:
-            raise ValueError(f"{name} has batch size {t.shape[0]} but q has {batch}")
+            raise ValueError(f"{name} has batch size {t.shape[0]} but {nq} has {batch}")
         if t.shape[3] != head_dim:
-            raise ValueError(f"{name} has head dim {t.shape[3]} but q has {head_dim}; "
-                             "q, k and v must share one head dim")
+            raise ValueError(f"{name} has head dim {t.shape[3]} but {nq} has {head_dim}; "
+                             f"{nq}, {nk} and {nv} must share one head dim")
     if v.shape[1] != k.shape[1]:
-        raise ValueError(f"v has seqlen {v.shape[1]} but k has {k.shape[1]}; they must match")
+        raise ValueError(f"{nv} has seqlen {v.shape[1]} but {nk} has {k.shape[1]}; "
+                         "they must match")
     if v.shape[2] != k.shape[2]:
-        raise ValueError(f"v has {v.shape[2]} heads but k has {k.shape[2]}; they must match")
+        raise ValueError(f"{nv} has {v.shape[2]} heads but {nk} has {k.shape[2]}; "
+                         "they must match")
     nheads_k = k.shape[2]
     if nheads_k != nheads:
         if nheads_k > 0 and nheads % nheads_k == 0:
             raise NotImplementedError(
-                f"k and v have {nheads_k} heads and q has {nheads}: grouped-query attention "
-                "(nheads_k < nheads) is not implemented yet")
-        raise ValueError(f"q has {nheads} heads, which is not a multiple of k's {nheads_k}")
+                f"{nk} and {nv} have {nheads_k} heads and {nq} has {nheads}: grouped-query "
+                "attention (fewer key/value heads) is not implemented yet")
+        raise ValueError(f"{nq} has {nheads} heads, which is not a multiple of {nk}'s "
+                         f"{nheads_k}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
 
@@ -186,6 +190,7 @@ def flash_attn_func(
         lse (with return_lse=True): (batch, nheads, seqlen_q) float32, natural log:
             lse[b, h, i] = log Σ_j exp(softmax_scale · q_i · k_j) over the keys row i sees.
     """
+    _check_tensors(("q", "k", "v"), (q, k, v), 4, "(batch, seqlen, nheads, headdim)")
     _check_qkv(q, k, v)
     _not_implemented("dropout_p", dropout_p, 0.0)
     _not_implemented("window_size", tuple(window_size), (-1, -1))
@@ -224,15 +229,14 @@ def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa) -> st
     if dropout_p != 0.0:
         return "dropout_p > 0 is not supported by flashtile's kernels yet"
     tensors = (query, key, value)
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        return None  # let validation name the argument
     if any(t.dim() not in (3, 4) for t in tensors) or len({t.dim() for t in tensors}) != 1:
         return "inputs that are not all 3-D or all 4-D are not supported by flashtile's kernels"
-    if query.shape[-3] != key.shape[-3]:
+    if query.dim() == 4 and (key.shape[1] != query.shape[1] or value.shape[1] != query.shape[1]):
+        # torch broadcasts one key/value head, and with enable_gqa shares heads in groups
         if enable_gqa:
-            return "enable_gqa with fewer key/value heads is not supported by flashtile yet"
-        return None
-    if value.shape[-1] != query.shape[-1]:
+            return "enable_gqa (fewer key/value heads than query heads) is not supported yet"
+        return "key and value with other head counts than query are not supported by flashtile"
+    if value.shape[-1] != query.shape[-1] and key.shape[-1] == query.shape[-1]:
         return "a value head dim different from the query's is not supported by flashtile"
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head dim over {MAX_HEAD_DIM} is not supported by flashtile's kernels yet"
@@ -259,17 +263,20 @@ def scaled_dot_product_attention(
     Arguments the kernels do not handle yet (attn_mask, dropout_p > 0, grouped-query heads)
     are passed to torch's own function, with a warning, once per argument, that names them.
     """
+    names = ("query", "key", "value")
+    for name, t in zip(names, (query, key, value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa)
     if reason is not None:
         return _fall_back(reason, query, key, value, attn_mask, dropout_p, is_causal, scale,
                           enable_gqa)
-    _check_tensors(("query", "key", "value"), (query, key, value), query.dim(),
-                   "(batch, heads, seqlen, headdim)")
+    _check_tensors(names, (query, key, value), query.dim(), "(batch, heads, seqlen, headdim)")
     squeeze = query.dim() == 3
     if squeeze:  # (batch, L, E) -> (batch, 1, L, E), a view
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, N, H, E) views
-    _check_qkv(q, k, v)
+    _check_qkv(q, k, v, names)
     opts = AttnOptions(
         softmax_scale=_softmax_scale(scale, q.shape[-1], "scale"),
         causal=bool(is_causal),
