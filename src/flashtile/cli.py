@@ -16,9 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--head-dim", type=int)
     demo.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     demo.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    bench = sub.add_parser("bench", help="benchmark against the other attention kernels (GPU)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark against the other attention kernels (GPU); "
+                        "`flashtile bench --help` for its options")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options
+        from flashtile.bench.run import main as bench_main
+
+        return bench_main(argv[1:])
+    args = parser.parse_args(argv)
 
     if args.command in (None, "demo"):
         from flashtile.demo import run_demo
@@ -26,9 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             args = demo.parse_args([])
         return run_demo(args)
-    from flashtile.bench.run import main as bench_main
-
-    return bench_main(args.args)
+    parser.print_help()
+    return 2
 
 
 if __name__ == "__main__":

@@ -100,10 +100,13 @@ _CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         256: [(64, 16, 8, 1), (64, 32, 8, 1), (32, 32, 4, 2), (64, 32, 8, 2)],
     },
 }
-_CANDIDATES_FP32: dict[str, list[tuple[int, int, int, int]]] = {
-    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
-    "bwd_dkdv": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
-    "bwd_dq": [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+_CANDIDATES_FP32: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "fwd": {128: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+            256: [(32, 16, 4, 1), (32, 32, 4, 1), (64, 16, 8, 1)]},
+    "bwd_dkdv": {128: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+                 256: [(16, 32, 4, 1), (16, 16, 4, 1), (16, 32, 8, 1)]},
+    "bwd_dq": {128: [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+               256: [(32, 16, 4, 1), (16, 16, 4, 1), (32, 16, 8, 1)]},
 }
 
 
@@ -114,21 +117,18 @@ def _tag(config: triton.Config) -> tuple:
 
 def tuning_space(kernel: str) -> list[triton.Config]:
     """Every candidate of a kernel, all head dims together; `prune` keeps the relevant ones."""
-    tags = {t for per_dim in _CANDIDATES[kernel].values() for t in per_dim}
-    tags |= set(_CANDIDATES_FP32[kernel])
+    tags = {t for table in (_CANDIDATES, _CANDIDATES_FP32)
+            for per_dim in table[kernel].values() for t in per_dim}
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in sorted(tags)]
 
 
 def candidates(kernel: str, head_dim_padded: int, precision: str) -> list[tuple]:
-    if precision == "ieee":
-        cands = list(_CANDIDATES_FP32[kernel])
-        if head_dim_padded > 128:  # halve the key/value tiles again
-            cands = [(max(16, m // 2), max(16, n // 2), w, 1) for m, n, w, _ in cands]
-        return cands
-    dims = sorted(_CANDIDATES[kernel])
-    nearest = next((d for d in dims if d >= head_dim_padded), dims[-1])
-    return _CANDIDATES[kernel][nearest]
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for a padded head dim: those
+    listed for the smallest listed head dim that covers it."""
+    table = (_CANDIDATES_FP32 if precision == "ieee" else _CANDIDATES)[kernel]
+    dims = sorted(table)
+    return table[next((d for d in dims if d >= head_dim_padded), dims[-1])]
 
 
 def pruner(kernel: str):

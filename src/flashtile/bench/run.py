@@ -1,0 +1,232 @@
+"""`flashtile bench`: flashtile beside torch's attention backends and FlexAttention (and
+FlashAttention-4 where it is installed), on one GPU, in one run.
+
+    flashtile bench [--quick | --long] [--providers flashtile,sdpa-cudnn] [--dims 64,128]
+                    [--seqlens 1k,4k,16k] [--modes fwd,bwd,fwdbwd] [--dtype bfloat16] [--out DIR]
+
+The default grid is the one shared/anchors-h100.md was measured on: head dim D in {64, 128},
+causal and not, seqlen N from 512 to 16k, batch = 16384 / N and heads = 2048 / D, so that every
+problem holds 16384 tokens of width 2048. --quick is a subset that takes a few minutes; --long
+is long-context: batch 1, 16 heads, D = 128, N in {32k, 64k, 128k}. --dims, --seqlens, --modes
+and --providers override what the preset chose. Each provider is checked against the float64
+reference before it is timed. Writes bench.md, bench.json and bench.png to --out (default:
+$OUT if set, else results/). Exit status: 0, or 1 when flashtile failed its check, or 2 when
+there is no CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+import flashtile
+from flashtile.bench.measure import MODES, Result, Shape, ceilings, measure_provider
+from flashtile.bench.providers import PROVIDERS
+from flashtile.bench.report import notes, tflops_table, write_reports
+
+TOKENS = 16384  # batch · seqlen of every grid problem
+WIDTH = 2048  # heads · head_dim
+
+
+def shape_grid(dims: list[int], seqlens: list[int], batch: int | None = None,
+               heads: int | None = None) -> list[Shape]:
+    """Every (D, causal, N) in that order, causal off then on. Unless given, batch is
+    TOKENS // N and heads WIDTH // D (each at least 1), the anchors' constant-work grid."""
+    return [Shape(head_dim=d, causal=causal, seqlen=n,
+                  batch=batch or max(1, TOKENS // n), heads=heads or max(1, WIDTH // d))
+            for d in dims for causal in (False, True) for n in seqlens]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a run measures unless the command line says otherwise."""
+
+    dims: tuple[int, ...]
+    seqlens: tuple[int, ...]
+    modes: tuple[str, ...]
+    providers: tuple[str, ...]
+    warmup_ms: int
+    rep_ms: int
+    batch: int | None = None
+    heads: int | None = None
+
+
+PRESETS = {
+    "full": Preset(dims=(64, 128), seqlens=tuple(2**i for i in range(9, 15)), modes=MODES,
+                   providers=tuple(PROVIDERS), warmup_ms=50, rep_ms=200),
+    "quick": Preset(dims=(128,), seqlens=(1024, 8192), modes=("fwd", "bwd"),
+                    providers=("flashtile", "sdpa-flash", "sdpa-cudnn", "flex"),
+                    warmup_ms=25, rep_ms=100),
+    # One call takes up to ~1 s here: a longer rep keeps several samples under the median.
+    "long": Preset(dims=(128,), seqlens=(32768, 65536, 131072), modes=MODES,
+                   providers=tuple(p for p in PROVIDERS if p != "naive"),
+                   warmup_ms=100, rep_ms=1000, batch=1, heads=16),
+}
+
+
+def _ints(text: str) -> list[int]:
+    """"512,1k,16k" -> [512, 1024, 16384]."""
+    try:
+        values = [int(s[:-1]) * 1024 if s.lower().endswith("k") else int(s)
+                  for s in (s.strip() for s in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers like 512,1k: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 512,1k: {text!r}")
+    return values
+
+
+def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type for a comma-separated list drawn from `choices`."""
+
+    def parse(text: str) -> list[str]:
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flashtile bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true",
+                        help="D=128, N in {1k, 8k}, fwd and bwd, flashtile / sdpa-flash / "
+                        "sdpa-cudnn / flex: a few minutes")
+    preset.add_argument("--long", action="store_true",
+                        help="long context: batch 1, 16 heads, D=128, N in {32k, 64k, 128k}")
+    parser.add_argument("--providers", type=_names(tuple(PROVIDERS)),
+                        help=f"comma-separated, from {', '.join(PROVIDERS)}")
+    parser.add_argument("--dims", type=_ints, help="head dims, e.g. 64,128")
+    parser.add_argument("--seqlens", type=_ints, help="sequence lengths, e.g. 512,1k,16k")
+    parser.add_argument("--modes", type=_names(MODES), help="from fwd, bwd, fwdbwd")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        default="bfloat16")
+    parser.add_argument("--out", help="folder for bench.md/json/png (default: $OUT or results/)")
+    return parser.parse_args(argv)
+
+
+def _command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def _git_commit() -> str | None:
+    """The short commit of the checkout flashtile is imported from, "-dirty" if tracked files
+    changed since; None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    commit = _command_output(["git", "rev-parse", "--short", "HEAD"], here)
+    if not commit:
+        return None
+    changed = _command_output(["git", "status", "--porcelain", "--untracked-files=no"], here)
+    return commit + ("-dirty" if changed else "")
+
+
+def metadata(argv: list[str], dtype: str, preset: Preset) -> dict:
+    """GPU, driver, versions, commit and date: what a reader needs to compare two runs."""
+    driver = _command_output(["nvidia-smi", "--query-gpu=driver_version",
+                              "--format=csv,noheader"])
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "driver": driver.splitlines()[0] if driver else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "flashtile": flashtile.__version__,
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["flashtile bench", *argv]),
+        "dtype": dtype,
+        "warmup_ms": preset.warmup_ms,
+        "rep_ms": preset.rep_ms,
+    }
+
+
+def _inputs(shape: Shape, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, N, D) with requires_grad, and dout: standard normal, seeded per shape."""
+    torch.manual_seed(0)
+    size = (shape.batch, shape.heads, shape.seqlen, shape.head_dim)
+    q, k, v = (torch.randn(size, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    return q, k, v, torch.randn(size, device="cuda", dtype=dtype)
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark that argv asks for; see the module docstring."""
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("flashtile bench: no CUDA GPU here (torch.cuda.is_available() is False), and "
+              "timings need one. `flashtile demo` runs on the CPU through the Triton "
+              "interpreter.", file=sys.stderr)
+        return 2
+    preset = PRESETS["quick" if args.quick else "long" if args.long else "full"]
+    providers = args.providers or list(preset.providers)
+    modes = args.modes or list(preset.modes)
+    shapes = shape_grid(args.dims or list(preset.dims), args.seqlens or list(preset.seqlens),
+                        preset.batch, preset.heads)
+    out_dir = Path(args.out or os.environ.get("OUT") or "results")
+    dtype = getattr(torch, args.dtype)
+    log = functools.partial(print, flush=True)
+    # flashtile logs each autotuning it starts: in a long run, that explains a pause.
+    logging.basicConfig(stream=sys.stdout, format="%(message)s")
+    logging.getLogger("flashtile").setLevel(logging.INFO)
+
+    meta = metadata(argv, args.dtype, preset)
+    log(f"flashtile bench on {meta['gpu']} (driver {meta['driver']}): torch {meta['torch']}, "
+        f"triton {meta['triton']}, cuDNN {meta['cudnn']}, commit {meta['commit']}")
+    meta["ceilings"] = ceilings(preset.warmup_ms, preset.rep_ms)
+    log(f"ceilings: bf16 matmul 8192³ {meta['ceilings']['matmul_bf16_tflops']:.0f} TFLOP/s, "
+        f"device copy {meta['ceilings']['copy_gbps']:.0f} GB/s (read + write)")
+    log(f"{len(shapes)} shapes × {len(providers)} providers ({', '.join(providers)}), "
+        f"modes {', '.join(modes)}, {args.dtype}; writing to {out_dir}/")
+
+    start = time.perf_counter()
+    results: list[Result] = []
+    for i, shape in enumerate(shapes, 1):
+        log(f"[{i}/{len(shapes)}, {time.perf_counter() - start:.0f} s] {shape.label()}")
+        q, k, v, dout = _inputs(shape, dtype)
+        for name in providers:
+            results += measure_provider(name, PROVIDERS[name], shape, q, k, v, dout, modes,
+                                        preset.warmup_ms, preset.rep_ms, log)
+            torch.cuda.empty_cache()  # each provider starts from the same free memory
+        del q, k, v, dout
+        write_reports(out_dir, results, meta, plot=False)  # a cut-short run keeps its rows
+
+    log(f"\ndone in {time.perf_counter() - start:.0f} s; TFLOP/s ({args.dtype}):\n")
+    log(tflops_table(results))
+    for line in notes(results):
+        log(line)
+    try:
+        write_reports(out_dir, results, meta)
+        log(f"\nwrote {out_dir}/bench.md, bench.json and bench.png")
+    except ImportError as e:  # matplotlib is the `bench` extra
+        log(f"\nwrote {out_dir}/bench.md and bench.json; bench.png not drawn ({e}): "
+            "pip install 'flashtile[bench]' for matplotlib")
+    failed = any(r.provider == "flashtile" and r.status == "failed" for r in results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
