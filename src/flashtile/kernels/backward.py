@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels import configs
-from flashtile.kernels.common import load_tile, visible
+from flashtile.kernels.common import load_rows, load_tile, row_source, visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -65,20 +65,22 @@ def _load_lse2(LSE_block, offs_m, seqlen_q, CHECK: tl.constexpr):
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    Q_block, dO_block, LSE_block, Delta_block,
+    Q_src, dO_src, LSE_block, Delta_block,
     stride_qm, stride_qd, stride_dom, stride_dod,
     offs_n, offs_d, start_m_lo, start_m_hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
-    for start_m in range(start_m_lo, start_m_hi, BLOCK_M):
+    for start_m in tl.range(start_m_lo, start_m_hi, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
         offs_m = start_m + offs_m0
-        # qT: (HEAD_DIM_PAD, BLOCK_M), do: (BLOCK_M, HEAD_DIM_PAD)
-        qT = load_tile(Q_block, offs_d, offs_m, stride_qd, stride_qm, HEAD_DIM, seqlen_q,
-                       CHECK_ROWS=HEAD_DIM != HEAD_DIM_PAD, CHECK_COLS=MASKED)
-        do = load_tile(dO_block, offs_m, offs_d, stride_dom, stride_dod, seqlen_q, HEAD_DIM,
-                       CHECK_ROWS=MASKED, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
+        # q, do: (BLOCK_M, HEAD_DIM_PAD)
+        q = load_rows(Q_src, start_m, offs_m, offs_d, stride_qm, stride_qd, seqlen_q,
+                      HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
+        qT = tl.trans(q)
+        do = load_rows(dO_src, start_m, offs_m, offs_d, stride_dom, stride_dod, seqlen_q,
+                       HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
         lse2 = _load_lse2(LSE_block, offs_m, seqlen_q, MASKED)
         if MASKED:
             delta = tl.load(Delta_block + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -96,7 +98,7 @@ def _attn_bwd_dkdv_inner(
         # -- dpT = (dO Vᵀ)ᵀ; dsT = pT ∘ (dpT − Delta); dK += dsᵀ q --
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -115,7 +117,9 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
+    # Causal: key block 0 is seen by the most query rows, so the natural order is heaviest-first.
     start_n = tl.program_id(0) * BLOCK_N
     off_b = (tl.program_id(1) // nheads).to(tl.int64)
     off_h = (tl.program_id(1) % nheads).to(tl.int64)
@@ -129,8 +133,10 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
 
-    Q_block = Q + off_b * stride_qb + off_h * stride_qh
-    dO_block = dO + off_b * stride_dob + off_h * stride_doh
+    Q_src = row_source(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
+                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
+    dO_src = row_source(dO + off_b * stride_dob + off_h * stride_doh, seqlen_q, stride_dom,
+                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
     LSE_block = LSE + off_b * stride_lb + off_h * stride_lh
     Delta_block = Delta + off_b * stride_lb + off_h * stride_lh
 
@@ -145,20 +151,23 @@ def _attn_bwd_dkdv(
         lo = 0
         m_mid = 0
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q_block, dO_block, LSE_block, Delta_block,
+        dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
         stride_qm, stride_qd, stride_dom, stride_dod,
         offs_n, offs_d, lo, m_mid, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION, USE_TMA,
+        WARP_SPECIALIZE)
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q_block, dO_block, LSE_block, Delta_block,
+        dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
         stride_qm, stride_qd, stride_dom, stride_dod,
         offs_n, offs_d, tl.maximum(m_mid, lo), m_even_end, seqlen_q, seqlen_k, diag_offset,
-        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, False, DOT_PRECISION)
+        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, False, DOT_PRECISION, USE_TMA,
+        WARP_SPECIALIZE)
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q_block, dO_block, LSE_block, Delta_block,
+        dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
         stride_qm, stride_qd, stride_dom, stride_dod,
         offs_n, offs_d, tl.maximum(m_even_end, lo), seqlen_q, seqlen_q, seqlen_k, diag_offset,
-        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION)
+        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION, USE_TMA,
+        WARP_SPECIALIZE)
 
     dk = dk * softmax_scale
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -173,30 +182,31 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
-    K_block, V_block, stride_kn, stride_kd, stride_vn, stride_vd,
+    K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, start_n_lo, start_n_hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(start_n_lo, start_n_hi, BLOCK_N):
+    for start_n in tl.range(start_n_lo, start_n_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + offs_n0
-        # kT, vT: (HEAD_DIM_PAD, BLOCK_N)
-        kT = load_tile(K_block, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, seqlen_k,
-                       CHECK_ROWS=HEAD_DIM != HEAD_DIM_PAD, CHECK_COLS=MASKED)
-        vT = load_tile(V_block, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, seqlen_k,
-                       CHECK_ROWS=HEAD_DIM != HEAD_DIM_PAD, CHECK_COLS=MASKED)
+        # k, v: (BLOCK_N, HEAD_DIM_PAD)
+        k = load_rows(K_src, start_n, offs_n, offs_d, stride_kn, stride_kd, seqlen_k,
+                      HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
+        v = load_rows(V_src, start_n, offs_n, offs_d, stride_vn, stride_vd, seqlen_k,
+                      HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
         # -- recompute p = exp2(qk - lse2): (BLOCK_M, BLOCK_N) --
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
             keep = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag_offset,
                            IS_CAUSAL)
             p = tl.where(keep, p, 0.0)
         # -- dp = dO vᵀ; ds = p ∘ (dp − Delta); dQ += ds k --
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -214,8 +224,12 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    if IS_CAUSAL:  # heaviest query blocks (most keys to see) first: a shorter tail
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
     off_b = (tl.program_id(1) // nheads).to(tl.int64)
     off_h = (tl.program_id(1) % nheads).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -231,8 +245,10 @@ def _attn_bwd_dq(
                     mask=offs_m < seqlen_q, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    K_block = K + off_b * stride_kb + off_h * stride_kh
-    V_block = V + off_b * stride_vb + off_h * stride_vh
+    K_src = row_source(K + off_b * stride_kb + off_h * stride_kh, seqlen_k, stride_kn,
+                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    V_src = row_source(V + off_b * stride_vb + off_h * stride_vh, seqlen_k, stride_vn,
+                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     # -- key ranges as in the forward: unmasked, masked (diagonal and ragged end), skipped --
     n_even_end = (seqlen_k // BLOCK_N) * BLOCK_N
     if IS_CAUSAL:
@@ -243,13 +259,15 @@ def _attn_bwd_dq(
         n_full_end = n_even_end
         hi = seqlen_k
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, K_block, V_block, stride_kn, stride_kd, stride_vn, stride_vd,
+        dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, n_full_end, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION, USE_TMA,
+        WARP_SPECIALIZE)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, K_block, V_block, stride_kn, stride_kd, stride_vn, stride_vd,
+        dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, n_full_end, hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION, USE_TMA,
+        WARP_SPECIALIZE)
 
     dq = dq * softmax_scale
     dq_ptrs = (dQ + off_b * stride_dqb + off_h * stride_dqh
@@ -286,7 +304,9 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale: float, causal: bool
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim))
-    per_kernel = dict(IS_CAUSAL=causal, DOT_PRECISION=configs.dot_precision(q.dtype), **common)
+    per_kernel = dict(IS_CAUSAL=causal, DOT_PRECISION=configs.dot_precision(q.dtype),
+                      USE_TMA=configs.use_tma(q, k, v, do),
+                      WARP_SPECIALIZE=configs.features["warp_specialize"], **common)
     scalars = (nheads, seqlen_q, seqlen_k, diag_offset, softmax_scale * 1.4426950408889634,
                softmax_scale, configs.seqlen_bucket(seqlen_q, seqlen_k))
 

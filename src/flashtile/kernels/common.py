@@ -35,3 +35,30 @@ def visible(offs_m, offs_n, seqlen_q, seqlen_k, diag_offset, IS_CAUSAL: tl.const
     if IS_CAUSAL:
         keep = keep & (offs_n <= offs_m + diag_offset)
     return keep
+
+
+@triton.jit
+def row_source(base, n_rows, stride_r, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    """What `load_rows` reads from: a TMA tensor descriptor over the (n_rows, HEAD_DIM) matrix at
+    `base` when USE_TMA, else the base pointer itself."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_r, 1],
+                                        block_shape=[BLOCK, HEAD_DIM_PAD])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def load_rows(src, start, offs_r, offs_d, stride_r, stride_d, n_rows,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) of a (n_rows, HEAD_DIM) matrix as a (BLOCK, HEAD_DIM_PAD)
+    tile, zero beyond n_rows and HEAD_DIM. Through TMA the copy engine fills the zeros."""
+    if USE_TMA:
+        tile = src.load([start, 0])
+    else:
+        tile = load_tile(src, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM,
+                         CHECK_ROWS=CHECK_ROWS, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
+    return tile

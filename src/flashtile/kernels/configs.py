@@ -145,9 +145,37 @@ def pruner(kernel: str):
     return prune
 
 
-TUNING_KEY = ["HEAD_DIM_PAD", "IS_CAUSAL", "DOT_PRECISION", "seqlen_bucket"]
+TUNING_KEY = ["HEAD_DIM_PAD", "IS_CAUSAL", "DOT_PRECISION", "seqlen_bucket", "USE_TMA",
+              "WARP_SPECIALIZE"]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs are computed to float32 accuracy: IEEE dots, never tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Kernel features that are compile-time flags; tests and tuning sweeps switch them.
+features = {"tma": True, "warp_specialize": False}
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    """Global scratch for tensor descriptors made inside kernels."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may read these (B, N, H, D) tensors through TMA descriptors: head dim
+    a power of two of at least 16 bytes, unit stride along it, every other stride and the data
+    pointer 16-byte aligned. Other tensors take the pointer path."""
+    if not features["tma"]:
+        return False
+    for t in tensors:
+        elt = t.element_size()
+        head_dim = t.shape[-1]
+        if head_dim != head_dim_pad(head_dim) or head_dim * elt < 16 or t.stride(-1) != 1:
+            return False
+        if any(s * elt % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            return False
+    if not interpreting():
+        triton.set_allocator(_tma_allocator)
+    return True

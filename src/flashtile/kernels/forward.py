@@ -25,27 +25,28 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels import configs
-from flashtile.kernels.common import load_tile, visible
+from flashtile.kernels.common import load_rows, load_tile, row_source, visible
 
 
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
-    K_block, V_block, stride_kn, stride_kd, stride_vn, stride_vd,
+    K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, start_n_lo, start_n_hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(start_n_lo, start_n_hi, BLOCK_N):
+    for start_n in tl.range(start_n_lo, start_n_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + offs_n0
-        # kT: (HEAD_DIM_PAD, BLOCK_N), v: (BLOCK_N, HEAD_DIM_PAD)
-        kT = load_tile(K_block, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, seqlen_k,
-                       CHECK_ROWS=HEAD_DIM != HEAD_DIM_PAD, CHECK_COLS=MASKED)
-        v = load_tile(V_block, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, HEAD_DIM,
-                      CHECK_ROWS=MASKED, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
+        # k, v: (BLOCK_N, HEAD_DIM_PAD)
+        k = load_rows(K_src, start_n, offs_n, offs_d, stride_kn, stride_kd, seqlen_k,
+                      HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
+        v = load_rows(V_src, start_n, offs_n, offs_d, stride_vn, stride_vd, seqlen_k,
+                      HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
         # -- compute qk, in log2 units --
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             keep = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag_offset,
                            IS_CAUSAL)
@@ -76,8 +77,12 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    if IS_CAUSAL:  # heaviest query blocks (most keys to see) first: a shorter tail
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
     off_h = (off_bh % nheads).to(tl.int64)
@@ -85,8 +90,10 @@ def _attn_fwd(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
     Q_block = Q + off_b * stride_qb + off_h * stride_qh
-    K_block = K + off_b * stride_kb + off_h * stride_kh
-    V_block = V + off_b * stride_vb + off_h * stride_vh
+    K_src = row_source(K + off_b * stride_kb + off_h * stride_kh, seqlen_k, stride_kn,
+                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    V_src = row_source(V + off_b * stride_vb + off_h * stride_vh, seqlen_k, stride_vn,
+                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     q = load_tile(Q_block, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, HEAD_DIM,
                   CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
 
@@ -105,13 +112,15 @@ def _attn_fwd(
         n_full_end = n_even_end
         hi = seqlen_k
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_block, V_block, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, n_full_end, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION, USE_TMA,
+        WARP_SPECIALIZE)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_block, V_block, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, n_full_end, hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION, USE_TMA,
+        WARP_SPECIALIZE)
 
     # -- epilogue: normalize; a row that saw nothing gives O = 0, LSE = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -155,6 +164,7 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool, diag_offset: 
         configs.seqlen_bucket(seqlen_q, seqlen_k),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim),
         IS_CAUSAL=causal, DOT_PRECISION=configs.dot_precision(q.dtype),
+        USE_TMA=configs.use_tma(k, v), WARP_SPECIALIZE=configs.features["warp_specialize"],
         **launch,
     )
     return out, lse

@@ -1,0 +1,71 @@
+"""Compare kernel feature flags (TMA loads, warp specialization) in one run, beside cuDNN.
+
+Usage: python scripts/variants.py
+For each shape: forward and backward TFLOP/s of flashtile under each variant, cuDNN's in the same
+run, then the backward's time split over its three kernels (torch profiler), default variant.
+"""
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+import flashtile
+from flashtile.kernels import configs
+
+VARIANTS = {"ptr": dict(tma=False, warp_specialize=False),
+            "tma": dict(tma=True, warp_specialize=False),
+            "tma+ws": dict(tma=True, warp_specialize=True)}
+SHAPES = [(128, 0, 4096), (128, 1, 4096), (128, 0, 16384), (128, 1, 16384), (64, 0, 4096),
+          (64, 1, 16384)]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fwd_bwd_tflops(fn, flops):
+    o = fn()
+    do = torch.randn_like(o)
+    tf = bench(fn)
+    tb = bench(lambda: o.backward(do, retain_graph=True))
+    return flops / tf / 1e9, 2.5 * flops / tb / 1e9, o, do
+
+
+print(f"{'D':>4} {'c':>2} {'N':>6} | " + " | ".join(f"{v:>11}" for v in VARIANTS)
+      + " |   cudnn f/b")
+for D, causal, N in SHAPES:
+    B, H = 16384 // N, 2048 // D
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    flops = 4 * B * H * N * N * D * (0.5 if causal else 1)
+
+    def ft(q=q, k=k, v=v, causal=causal):
+        return flashtile.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
+                                         v.transpose(1, 2), causal=bool(causal)).transpose(1, 2)
+
+    cells = []
+    for flags in VARIANTS.values():
+        configs.features.update(flags)
+        try:
+            f, b, _, _ = fwd_bwd_tflops(ft, flops)
+            cells.append(f"{f:5.0f}/{b:5.0f}")
+        except Exception as e:  # a variant that does not compile here
+            cells.append(f"{type(e).__name__[:11]:>11}")
+    configs.features.update(VARIANTS["tma"])
+
+    def cudnn(q=q, k=k, v=v, causal=causal):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return sdpa(q, k, v, is_causal=bool(causal))
+    f, b, _, _ = fwd_bwd_tflops(cudnn, flops)
+    print(f"{D:>4} {causal:>2} {N:>6} | " + " | ".join(cells) + f" | {f:5.0f}/{b:5.0f}",
+          flush=True)
+    _, _, o, do = fwd_bwd_tflops(ft, flops)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            o.backward(do, retain_graph=True)
+        torch.cuda.synchronize()
+    split = {e.key: e.device_time_total / 5 / 1e3 for e in prof.key_averages()
+             if e.key.startswith("_attn")}
+    print("      backward ms: " + ", ".join(f"{k} {t:.3f}" for k, t in split.items()),
+          flush=True)
