@@ -1,4 +1,4 @@
-"""Compare kernel feature flags (TMA loads, warp specialization) in one run, beside cuDNN.
+"""Compare kernel feature flags (TMA loads per pass) in one run, beside cuDNN.
 
 Usage: python scripts/variants.py
 For each shape: forward and backward TFLOP/s of flashtile under each variant, cuDNN's in the same
@@ -13,9 +13,9 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 import flashtile
 from flashtile.kernels import configs
 
-VARIANTS = {"ptr": dict(tma=False, warp_specialize=False),
-            "tma": dict(tma=True, warp_specialize=False),
-            "tma+ws": dict(tma=True, warp_specialize=True)}
+VARIANTS = {"ptr": dict(tma_forward=False, tma_backward=False),
+            "tma fwd": dict(tma_forward=True, tma_backward=False),
+            "tma both": dict(tma_forward=True, tma_backward=True)}
 SHAPES = [(128, 0, 4096), (128, 1, 4096), (128, 0, 16384), (128, 1, 16384), (64, 0, 4096),
           (64, 1, 16384)]
 
@@ -52,7 +52,7 @@ for D, causal, N in SHAPES:
             cells.append(f"{f:5.0f}/{b:5.0f}")
         except Exception as e:  # a variant that does not compile here
             cells.append(f"{type(e).__name__[:11]:>11}")
-    configs.features.update(VARIANTS["tma"])
+    configs.features.update(VARIANTS["tma fwd"])
 
     def cudnn(q=q, k=k, v=v, causal=causal):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):

@@ -70,10 +70,10 @@ def _attn_bwd_dkdv_inner(
     offs_n, offs_d, start_m_lo, start_m_hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
-    for start_m in tl.range(start_m_lo, start_m_hi, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
+    for start_m in tl.range(start_m_lo, start_m_hi, BLOCK_M):
         offs_m = start_m + offs_m0
         # q, do: (BLOCK_M, HEAD_DIM_PAD)
         q = load_rows(Q_src, start_m, offs_m, offs_d, stride_qm, stride_qd, seqlen_q,
@@ -117,7 +117,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # Causal: key block 0 is seen by the most query rows, so the natural order is heaviest-first.
     start_n = tl.program_id(0) * BLOCK_N
@@ -154,20 +154,17 @@ def _attn_bwd_dkdv(
         dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
         stride_qm, stride_qd, stride_dom, stride_dod,
         offs_n, offs_d, lo, m_mid, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION, USE_TMA,
-        WARP_SPECIALIZE)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION, USE_TMA)
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
         stride_qm, stride_qd, stride_dom, stride_dod,
         offs_n, offs_d, tl.maximum(m_mid, lo), m_even_end, seqlen_q, seqlen_k, diag_offset,
-        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, False, DOT_PRECISION, USE_TMA,
-        WARP_SPECIALIZE)
+        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, False, DOT_PRECISION, USE_TMA)
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
         stride_qm, stride_qd, stride_dom, stride_dod,
         offs_n, offs_d, tl.maximum(m_even_end, lo), seqlen_q, seqlen_q, seqlen_k, diag_offset,
-        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION, USE_TMA,
-        WARP_SPECIALIZE)
+        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION, USE_TMA)
 
     dk = dk * softmax_scale
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -186,10 +183,10 @@ def _attn_bwd_dq_inner(
     offs_m, offs_d, start_n_lo, start_n_hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start_n_lo, start_n_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in tl.range(start_n_lo, start_n_hi, BLOCK_N):
         offs_n = start_n + offs_n0
         # k, v: (BLOCK_N, HEAD_DIM_PAD)
         k = load_rows(K_src, start_n, offs_n, offs_d, stride_kn, stride_kd, seqlen_k,
@@ -224,7 +221,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     if IS_CAUSAL:  # heaviest query blocks (most keys to see) first: a shorter tail
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -261,13 +258,11 @@ def _attn_bwd_dq(
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, n_full_end, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION, USE_TMA,
-        WARP_SPECIALIZE)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION, USE_TMA)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, n_full_end, hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION, USE_TMA,
-        WARP_SPECIALIZE)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION, USE_TMA)
 
     dq = dq * softmax_scale
     dq_ptrs = (dQ + off_b * stride_dqb + off_h * stride_dqh
@@ -305,8 +300,7 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale: float, causal: bool
     delta = torch.empty_like(lse)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim))
     per_kernel = dict(IS_CAUSAL=causal, DOT_PRECISION=configs.dot_precision(q.dtype),
-                      USE_TMA=configs.use_tma(q, k, v, do),
-                      WARP_SPECIALIZE=configs.features["warp_specialize"], **common)
+                      USE_TMA=configs.use_tma("backward", q, k, v, do), **common)
     scalars = (nheads, seqlen_q, seqlen_k, diag_offset, softmax_scale * 1.4426950408889634,
                softmax_scale, configs.seqlen_bucket(seqlen_q, seqlen_k))
 

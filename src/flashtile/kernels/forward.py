@@ -35,10 +35,10 @@ def _attn_fwd_inner(
     offs_m, offs_d, start_n_lo, start_n_hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start_n_lo, start_n_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in tl.range(start_n_lo, start_n_hi, BLOCK_N):
         offs_n = start_n + offs_n0
         # k, v: (BLOCK_N, HEAD_DIM_PAD)
         k = load_rows(K_src, start_n, offs_n, offs_d, stride_kn, stride_kd, seqlen_k,
@@ -77,7 +77,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     if IS_CAUSAL:  # heaviest query blocks (most keys to see) first: a shorter tail
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -114,13 +114,11 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, n_full_end, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION, USE_TMA,
-        WARP_SPECIALIZE)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION, USE_TMA)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, n_full_end, hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION, USE_TMA,
-        WARP_SPECIALIZE)
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION, USE_TMA)
 
     # -- epilogue: normalize; a row that saw nothing gives O = 0, LSE = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -164,7 +162,7 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool, diag_offset: 
         configs.seqlen_bucket(seqlen_q, seqlen_k),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim),
         IS_CAUSAL=causal, DOT_PRECISION=configs.dot_precision(q.dtype),
-        USE_TMA=configs.use_tma(k, v), WARP_SPECIALIZE=configs.features["warp_specialize"],
+        USE_TMA=configs.use_tma("forward", k, v),
         **launch,
     )
     return out, lse
