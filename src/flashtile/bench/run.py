@@ -134,11 +134,11 @@ def _command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
 
 def _git_commit() -> str | None:
     """The short commit of the checkout flashtile is imported from, "-dirty" if tracked files
-    changed since; None outside a git checkout."""
+    changed since; outside a git checkout (a copied tree), FLASHTILE_COMMIT if set, else None."""
     here = Path(__file__).resolve().parent
     commit = _command_output(["git", "rev-parse", "--short", "HEAD"], here)
     if not commit:
-        return None
+        return os.environ.get("FLASHTILE_COMMIT")
     changed = _command_output(["git", "status", "--porcelain", "--untracked-files=no"], here)
     return commit + ("-dirty" if changed else "")
 
