@@ -117,7 +117,7 @@ BAD_CALLS = [
          r"k has dtype torch.float32 but q has torch.float16; all inputs must share one dtype"),
     case("not_a_tensor", fa(v=a_list), TypeError, r"v must be a torch.Tensor, got list"),
     case("device_mismatch", fa(k=meta(KV), v=meta(KV)), ValueError,
-         r"k is on meta but q is on \w+; all inputs must be on one device"),
+         r"k is on meta but q is on [\w:]+; all inputs must be on one device"),
     case("all_on_meta", fa(q=meta(Q), k=meta(KV), v=meta(KV)), ValueError,
          r"the inputs are on meta; flashtile runs on CUDA devices"),
     # -- flash_attn_func: softmax_scale ----------------------------------------------------
