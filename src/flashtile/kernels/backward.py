@@ -24,7 +24,15 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels import configs
-from flashtile.kernels.common import load_rows, load_tile, row_source, visible
+from flashtile.kernels.common import (
+    key_ranges,
+    load_rows,
+    load_tile,
+    query_block_start,
+    query_ranges,
+    row_source,
+    visible,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -141,15 +149,8 @@ def _attn_bwd_dkdv(
     Delta_block = Delta + off_b * stride_lb + off_h * stride_lh
 
     # -- query ranges: masked diagonal [lo, m_mid), unmasked [m_mid, m_even_end), ragged end --
-    m_even_end = (seqlen_q // BLOCK_M) * BLOCK_M
-    if IS_CAUSAL:
-        # first row that sees key start_n; first block whose every row sees the whole key block
-        lo = (tl.maximum(start_n - diag_offset, 0) // BLOCK_M) * BLOCK_M
-        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
-        m_mid = tl.minimum(tl.maximum(m_full, lo), m_even_end)
-    else:
-        lo = 0
-        m_mid = 0
+    lo, m_mid, m_even_end = query_ranges(start_n, seqlen_q, diag_offset, BLOCK_M, BLOCK_N,
+                                         IS_CAUSAL)
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
         stride_qm, stride_qd, stride_dom, stride_dod,
@@ -223,10 +224,7 @@ def _attn_bwd_dq(
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    if IS_CAUSAL:  # heaviest query blocks (most keys to see) first: a shorter tail
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    else:
-        start_m = tl.program_id(0) * BLOCK_M
+    start_m = query_block_start(BLOCK_M, IS_CAUSAL)
     off_b = (tl.program_id(1) // nheads).to(tl.int64)
     off_h = (tl.program_id(1) % nheads).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -247,14 +245,7 @@ def _attn_bwd_dq(
     V_src = row_source(V + off_b * stride_vb + off_h * stride_vh, seqlen_k, stride_vn,
                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     # -- key ranges as in the forward: unmasked, masked (diagonal and ragged end), skipped --
-    n_even_end = (seqlen_k // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        n_full_end = tl.minimum(
-            n_even_end, (tl.maximum(start_m + diag_offset + 1, 0) // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag_offset, 0))
-    else:
-        n_full_end = n_even_end
-        hi = seqlen_k
+    n_full_end, hi = key_ranges(start_m, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, n_full_end, seqlen_q, seqlen_k, diag_offset, qk_scale,

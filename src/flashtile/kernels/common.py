@@ -62,3 +62,50 @@ def load_rows(src, start, offs_r, offs_d, stride_r, stride_d, n_rows,
         tile = load_tile(src, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM,
                          CHECK_ROWS=CHECK_ROWS, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
     return tile
+
+
+@triton.jit
+def query_block_start(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """First query row of this program. Causal grids run the query blocks with the most keys to
+    see first (the last ones), which shortens the tail of the launch."""
+    if IS_CAUSAL:
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
+    return start_m
+
+
+@triton.jit
+def key_ranges(start_m, seqlen_k, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr):
+    """For the query block at start_m, the key blocks [0, n_full_end) that need no mask and
+    [n_full_end, hi) that do (the causal diagonal and the ragged end); keys from hi on are seen by
+    no row of the block and are skipped."""
+    n_even_end = (seqlen_k // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        # keys j <= start_m + diag_offset are seen by every row of the block
+        n_full_end = tl.minimum(
+            n_even_end, (tl.maximum(start_m + diag_offset + 1, 0) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag_offset, 0))
+    else:
+        n_full_end = n_even_end
+        hi = seqlen_k
+    return n_full_end, hi
+
+
+@triton.jit
+def query_ranges(start_n, seqlen_q, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr):
+    """For the key block at start_n, the query blocks: masked [lo, m_mid) on the causal diagonal,
+    unmasked [m_mid, m_even_end), masked [m_even_end, seqlen_q) at the ragged end. Rows before lo
+    see none of the block's keys and are skipped."""
+    m_even_end = (seqlen_q // BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        # first row that sees key start_n; first block whose every row sees the whole key block
+        lo = (tl.maximum(start_n - diag_offset, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
+        m_mid = tl.minimum(tl.maximum(m_full, lo), m_even_end)
+    else:
+        lo = 0
+        m_mid = 0
+    return lo, m_mid, m_even_end

@@ -25,7 +25,14 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels import configs
-from flashtile.kernels.common import load_rows, load_tile, row_source, visible
+from flashtile.kernels.common import (
+    key_ranges,
+    load_rows,
+    load_tile,
+    query_block_start,
+    row_source,
+    visible,
+)
 
 
 @triton.jit
@@ -79,10 +86,7 @@ def _attn_fwd(
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    if IS_CAUSAL:  # heaviest query blocks (most keys to see) first: a shorter tail
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    else:
-        start_m = tl.program_id(0) * BLOCK_M
+    start_m = query_block_start(BLOCK_M, IS_CAUSAL)
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
     off_h = (off_bh % nheads).to(tl.int64)
@@ -102,15 +106,7 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     # -- the three key ranges: unmasked, masked (diagonal and ragged end), skipped --
-    n_even_end = (seqlen_k // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        # keys j <= start_m + diag_offset are seen by every row of the block
-        n_full_end = tl.minimum(
-            n_even_end, (tl.maximum(start_m + diag_offset + 1, 0) // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag_offset, 0))
-    else:
-        n_full_end = n_even_end
-        hi = seqlen_k
+    n_full_end, hi = key_ranges(start_m, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, n_full_end, seqlen_q, seqlen_k, diag_offset, qk_scale,
