@@ -136,6 +136,8 @@ BAD_CALLS = [
          r"dropout_p=0\.1 is not implemented yet .*default 0\.0"),
     case("window", fa(window_size=(8, 0)), NotImplementedError,
          r"window_size=\(8, 0\) is not implemented yet .*default \(-1, -1\)"),
+    case("window_not_a_pair", fa(window_size=8), TypeError,
+         r"window_size must be a pair \(left, right\), got 8"),
     case("softcap", fa(softcap=30.0), NotImplementedError,
          r"softcap=30\.0 is not implemented yet .*default 0\.0"),
     case("alibi", fa(alibi_slopes=torch.ones(2, 4)), NotImplementedError,

@@ -193,6 +193,8 @@ def flash_attn_func(
     _check_tensors(("q", "k", "v"), (q, k, v), 4, "(batch, seqlen, nheads, headdim)")
     _check_qkv(q, k, v)
     _not_implemented("dropout_p", dropout_p, 0.0)
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
     _not_implemented("window_size", tuple(window_size), (-1, -1))
     _not_implemented("softcap", softcap, 0.0)
     if alibi_slopes is not None:
