@@ -57,7 +57,7 @@ for D, causal, N in shapes:
 
 from flashtile.kernels import backward, forward  # noqa: E402
 
-for name, tuned in [("fwd", forward._attn_fwd_tuned), ("bwd_dkdv", backward._attn_bwd_dkdv_tuned),
-                    ("bwd_dq", backward._attn_bwd_dq_tuned)]:
-    for key, cfg in tuned.cache.items():
-        print(f"tuned {name} {key[:4]}: {cfg}")
+for tunable in (forward._attn_fwd_tunable, backward._attn_bwd_dkdv_tunable,
+                 backward._attn_bwd_dq_tunable):
+    for key, cfg in tunable.tuned.cache.items():
+        print(f"tuned {tunable.name} {key[:5]}: {cfg}")

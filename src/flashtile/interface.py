@@ -47,9 +47,14 @@ class _FlashAttnFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+def _nothing_to_launch(q, k) -> bool:
+    """No query row, or no key: the kernels have nothing to do."""
+    return q.numel() == 0 or k.numel() == 0
+
+
 def _forward(q, k, v, opts: AttnOptions):
     batch, seqlen_q, nheads, _ = q.shape
-    if q.numel() == 0 or k.shape[1] == 0:
+    if _nothing_to_launch(q, k):
         # Nothing to launch. With no keys every row sees nothing: out = 0, lse = -inf.
         out = torch.zeros_like(q)
         lse = torch.full((batch, nheads, seqlen_q), float("-inf"), device=q.device)
@@ -58,7 +63,7 @@ def _forward(q, k, v, opts: AttnOptions):
 
 
 def _backward(dout, q, k, v, out, lse, opts: AttnOptions):
-    if q.numel() == 0 or k.numel() == 0:
+    if _nothing_to_launch(q, k):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return attention_backward(dout, q, k, v, out, lse, opts.softmax_scale, opts.causal,
                               opts.diag_offset)

@@ -263,20 +263,8 @@ def _attn_bwd_dq(
 
 
 
-def _tuned(kernel, name: str):
-    return triton.autotune(
-        configs.tuning_space(name), key=configs.TUNING_KEY, cache_results=True,
-        prune_configs_by={"early_config_prune": configs.pruner(name)})(kernel)
-
-
-_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, "bwd_dkdv")
-_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, "bwd_dq")
-
-
-def _pick(name: str, kernel, tuned):
-    """The kernel to launch and its launch arguments: fixed config, or the autotuner."""
-    fixed = configs.fixed_config(name)
-    return (kernel, fixed.launch_kwargs()) if fixed else (tuned, {})
+_attn_bwd_dkdv_tunable = configs.Tunable("bwd_dkdv", _attn_bwd_dkdv)
+_attn_bwd_dq_tunable = configs.Tunable("bwd_dq", _attn_bwd_dq)
 
 
 def attention_backward(do, q, k, v, out, lse, softmax_scale: float, causal: bool,
@@ -300,13 +288,13 @@ def attention_backward(do, q, k, v, out, lse, softmax_scale: float, causal: bool
         out, do, delta, *out.stride(), *do.stride(), lse.stride(0), lse.stride(1),
         nheads, seqlen_q, BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
     )
-    kernel, launch = _pick("bwd_dkdv", _attn_bwd_dkdv, _attn_bwd_dkdv_tuned)
+    kernel, launch = _attn_bwd_dkdv_tunable.select()
     kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1), *scalars, **per_kernel, **launch,
     )
-    kernel, launch = _pick("bwd_dq", _attn_bwd_dq, _attn_bwd_dq_tuned)
+    kernel, launch = _attn_bwd_dq_tunable.select()
     kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),

@@ -148,6 +148,22 @@ def pruner(kernel: str):
 TUNING_KEY = ["HEAD_DIM_PAD", "IS_CAUSAL", "DOT_PRECISION", "seqlen_bucket", "USE_TMA"]
 
 
+class Tunable:
+    """A kernel beside its autotuned twin. `select()` gives what to launch: the kernel with a
+    fixed config (interpreter, or an override), else the autotuner over `tuning_space(name)`."""
+
+    def __init__(self, name: str, kernel):
+        self.name = name
+        self.kernel = kernel
+        self.tuned = triton.autotune(
+            tuning_space(name), key=TUNING_KEY, cache_results=True,
+            prune_configs_by={"early_config_prune": pruner(name)})(kernel)
+
+    def select(self):
+        fixed = fixed_config(self.name)
+        return (self.kernel, fixed.launch_kwargs()) if fixed else (self.tuned, {})
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs are computed to float32 accuracy: IEEE dots, never tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -157,6 +173,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 # made the forward 9-15% faster on an H100 at head dim 128 and left the backward within noise
 # (-4% to +3%), so the backward keeps plain loads (docs/performance.md, v2).
 features = {"tma_forward": True, "tma_backward": False}
+
+
+_allocator_set = False
 
 
 def _tma_allocator(size: int, alignment: int, stream):
@@ -178,6 +197,8 @@ def use_tma(pass_name: str, *tensors: torch.Tensor) -> bool:
             return False
         if any(s * elt % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
             return False
-    if not interpreting():
+    global _allocator_set
+    if not interpreting() and not _allocator_set:
         triton.set_allocator(_tma_allocator)
+        _allocator_set = True
     return True

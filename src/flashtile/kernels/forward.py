@@ -128,9 +128,7 @@ def _attn_fwd(
 
 
 
-_attn_fwd_tuned = triton.autotune(
-    configs.tuning_space("fwd"), key=configs.TUNING_KEY, cache_results=True,
-    prune_configs_by={"early_config_prune": configs.pruner("fwd")})(_attn_fwd)
+_attn_fwd_tunable = configs.Tunable("fwd", _attn_fwd)
 
 
 def attention_forward(q, k, v, softmax_scale: float, causal: bool, diag_offset: int):
@@ -143,9 +141,7 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool, diag_offset: 
     seqlen_k = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(batch, nheads, seqlen_q, device=q.device, dtype=torch.float32)
-    fixed = configs.fixed_config("fwd")
-    kernel = _attn_fwd if fixed else _attn_fwd_tuned
-    launch = fixed.launch_kwargs() if fixed else {}
+    kernel, launch = _attn_fwd_tunable.select()
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)

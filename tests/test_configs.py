@@ -1,0 +1,75 @@
+"""Block-size selection and autotuning set-up, checked on the CPU.
+
+The autotuner itself only runs on a GPU, so what can go wrong before it runs is checked here:
+every candidate a head dim and precision can ask for must be in the kernel's tuning space (else
+pruning leaves nothing and the launch fails), and the fixed/tuned choice must follow the
+interpreter and the overrides.
+"""
+
+import pytest
+import torch
+import triton
+
+from flashtile.kernels import backward, configs, forward
+
+TUNABLES = [forward._attn_fwd_tunable, backward._attn_bwd_dkdv_tunable,
+            backward._attn_bwd_dq_tunable]
+
+
+@pytest.mark.parametrize("kernel", configs.KERNELS)
+@pytest.mark.parametrize("head_dim", [1, 16, 24, 40, 64, 80, 128, 200, 256])
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_pruning_keeps_exactly_the_candidates(kernel, head_dim, precision):
+    padded = configs.head_dim_pad(head_dim)
+    wanted = configs.candidates(kernel, padded, precision)
+    kept = configs.pruner(kernel)(configs.tuning_space(kernel), {}, HEAD_DIM=head_dim,
+                                  HEAD_DIM_PAD=padded, DOT_PRECISION=precision)
+    assert len(wanted) > 0
+    assert sorted(configs._tag(c) for c in kept) == sorted(set(wanted))
+
+
+def test_head_dim_pad():
+    assert [configs.head_dim_pad(d) for d in (1, 16, 17, 40, 64, 65, 200, 256)] == [
+        16, 16, 32, 64, 64, 128, 256, 256]
+
+
+def test_seqlen_bucket():
+    cases = {(1, 1): 1, (1000, 17): 10, (17, 1024): 11, (16384, 1): 15, (131072, 5): 15}
+    assert {k: configs.seqlen_bucket(*k) for k in cases} == cases
+
+
+@pytest.mark.parametrize("tunable", TUNABLES, ids=lambda t: t.name)
+def test_tunable_wraps_the_kernel(tunable):
+    assert isinstance(tunable.tuned, triton.runtime.autotuner.Autotuner)
+    assert tunable.tuned.keys == configs.TUNING_KEY
+    assert ({configs._tag(c) for c in tunable.tuned.configs}
+            == {configs._tag(c) for c in configs.tuning_space(tunable.name)})
+
+
+@pytest.mark.parametrize("tunable", TUNABLES, ids=lambda t: t.name)
+def test_select_fixed_override_or_tuned(tunable, monkeypatch):
+    kernel, launch = tunable.select()  # the interpreter: fixed small blocks
+    assert kernel is tunable.kernel and launch == {"BLOCK_M": 32, "BLOCK_N": 16}
+    configs.set_override(tunable.name, configs.KernelConfig(64, 32))
+    try:
+        assert tunable.select() == (tunable.kernel, {"BLOCK_M": 64, "BLOCK_N": 32})
+    finally:
+        configs.set_override(tunable.name, None)
+    monkeypatch.setattr(configs, "interpreting", lambda: False)  # as on a GPU
+    assert tunable.select() == (tunable.tuned, {})
+
+
+def test_set_override_names_the_kernel():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        configs.set_override("forward", configs.KernelConfig(16, 16))
+
+
+def test_use_tma_follows_layout_and_flag(monkeypatch):
+    x = torch.randn(2, 33, 3, 64, dtype=torch.float16)
+    assert configs.use_tma("forward", x, x)
+    assert not configs.use_tma("backward", x)  # measured slower: off (docs/performance.md)
+    assert not configs.use_tma("forward", torch.randn(2, 33, 3, 40, dtype=torch.float16))
+    assert not configs.use_tma("forward", torch.randn(2, 33, 3, 128)[..., ::2])  # stride 2
+    assert not configs.use_tma("forward", torch.randn(2, 33, 3, 8, dtype=torch.float16))
+    monkeypatch.setitem(configs.features, "tma_forward", False)
+    assert not configs.use_tma("forward", x)
