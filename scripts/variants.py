@@ -1,9 +1,12 @@
-"""Compare kernel feature flags (TMA loads per pass) in one run, beside cuDNN.
+"""Compare kernel variants in one run, beside cuDNN: feature flags (TMA loads per pass) and the
+keyword arguments of flash_attn_func.
 
 Usage: python scripts/variants.py
 For each shape: forward and backward TFLOP/s of flashtile under each variant, cuDNN's in the same
-run, then the backward's time split over its three kernels (torch profiler), default variant.
+run, then the backward's time split over its kernels (torch profiler), default variant.
 """
+
+import sys
 
 import torch
 import triton
@@ -13,11 +16,15 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 import flashtile
 from flashtile.kernels import configs
 
-VARIANTS = {"ptr": dict(tma_forward=False, tma_backward=False),
-            "tma fwd": dict(tma_forward=True, tma_backward=False),
-            "tma both": dict(tma_forward=True, tma_backward=True)}
+# name: (configs.features, flash_attn_func keyword arguments)
+DEFAULT = dict(tma_forward=True, tma_backward=False)
+VARIANTS = {"ptr": (dict(tma_forward=False, tma_backward=False), {}),
+            "tma fwd": (DEFAULT, {}),
+            "tma both": (dict(tma_forward=True, tma_backward=True), {})}
 SHAPES = [(128, 0, 4096), (128, 1, 4096), (128, 0, 16384), (128, 1, 16384), (64, 0, 4096),
           (64, 1, 16384)]
+if len(sys.argv) > 1:  # D,causal,N ...
+    SHAPES = [tuple(int(x) for x in s.split(",")) for s in sys.argv[1:]]
 
 
 def bench(fn):
@@ -40,19 +47,20 @@ for D, causal, N in SHAPES:
                for _ in range(3))
     flops = 4 * B * H * N * N * D * (0.5 if causal else 1)
 
-    def ft(q=q, k=k, v=v, causal=causal):
-        return flashtile.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
-                                         v.transpose(1, 2), causal=bool(causal)).transpose(1, 2)
+    def ft(q=q, k=k, v=v, causal=causal, **kwargs):
+        return flashtile.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         causal=bool(causal), **kwargs).transpose(1, 2)
 
     cells = []
-    for flags in VARIANTS.values():
+    for flags, kwargs in VARIANTS.values():
         configs.features.update(flags)
         try:
-            f, b, _, _ = fwd_bwd_tflops(ft, flops)
+            f, b, _, _ = fwd_bwd_tflops(lambda kwargs=kwargs: ft(**kwargs), flops)
             cells.append(f"{f:5.0f}/{b:5.0f}")
         except Exception as e:  # a variant that does not compile here
             cells.append(f"{type(e).__name__[:11]:>11}")
-    configs.features.update(VARIANTS["tma fwd"])
+            print(f"      {type(e).__name__}: {str(e)[:300]}", flush=True)
+    configs.features.update(DEFAULT)
 
     def cudnn(q=q, k=k, v=v, causal=causal):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -65,7 +73,8 @@ for D, causal, N in SHAPES:
         for _ in range(5):
             o.backward(do, retain_graph=True)
         torch.cuda.synchronize()
-    split = {e.key: e.device_time_total / 5 / 1e3 for e in prof.key_averages()
-             if e.key.startswith("_attn")}
-    print("      backward ms: " + ", ".join(f"{k} {t:.3f}" for k, t in split.items()),
+    split = {e.key[:28]: e.device_time_total / 5 / 1e3 for e in prof.key_averages()
+             if e.device_time_total > 0}
+    print("      backward ms (default): "
+          + ", ".join(f"{k} {t:.3f}" for k, t in split.items() if t > 0.005),
           flush=True)

@@ -175,9 +175,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 features = {"tma_forward": True, "tma_backward": False}
 
 
-_allocator_set = False
-
-
 def _tma_allocator(size: int, alignment: int, stream):
     """Global scratch for tensor descriptors made inside kernels."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
@@ -197,8 +194,8 @@ def use_tma(pass_name: str, *tensors: torch.Tensor) -> bool:
             return False
         if any(s * elt % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
             return False
-    global _allocator_set
-    if not interpreting() and not _allocator_set:
+    if not interpreting():
+        # Set on every call: Triton keeps the allocator in a context variable, and autograd runs
+        # the backward on another thread, where one set in the forward is not seen.
         triton.set_allocator(_tma_allocator)
-        _allocator_set = True
     return True
