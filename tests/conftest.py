@@ -28,3 +28,14 @@ def _seed(request):
 @pytest.fixture
 def dev():
     return device()
+
+
+# Modules whose many flag combinations would each autotune on a GPU: they run the first
+# candidate config of each head dim instead (configs.autotuning). test_attention keeps tuning.
+UNTUNED_MODULES = {"test_features", "test_masks", "test_interface"}
+
+
+@pytest.fixture(autouse=True)
+def _untuned(request, monkeypatch):
+    if ON_GPU and request.module.__name__ in UNTUNED_MODULES:
+        monkeypatch.setenv("FLASHTILE_AUTOTUNE", "0")

@@ -48,15 +48,20 @@ def test_tunable_wraps_the_kernel(tunable):
 
 @pytest.mark.parametrize("tunable", TUNABLES, ids=lambda t: t.name)
 def test_select_fixed_override_or_tuned(tunable, monkeypatch):
-    kernel, launch = tunable.select()  # the interpreter: fixed small blocks
+    kernel, launch = tunable.select(128, "tf32")  # the interpreter: fixed small blocks
     assert kernel is tunable.kernel and launch == {"BLOCK_M": 32, "BLOCK_N": 16}
     configs.set_override(tunable.name, configs.KernelConfig(64, 32))
     try:
-        assert tunable.select() == (tunable.kernel, {"BLOCK_M": 64, "BLOCK_N": 32})
+        assert tunable.select(128, "tf32") == (tunable.kernel, {"BLOCK_M": 64, "BLOCK_N": 32})
     finally:
         configs.set_override(tunable.name, None)
     monkeypatch.setattr(configs, "interpreting", lambda: False)  # as on a GPU
-    assert tunable.select() == (tunable.tuned, {})
+    assert tunable.select(128, "tf32") == (tunable.tuned, {})
+    # FLASHTILE_AUTOTUNE=0: the first candidate of the head dim, no tuning
+    monkeypatch.setenv("FLASHTILE_AUTOTUNE", "0")
+    m, n, w, st = configs.candidates(tunable.name, 512, "tf32")[0]
+    assert tunable.select(512, "tf32") == (
+        tunable.kernel, {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st})
 
 
 def test_set_override_names_the_kernel():

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flashtile.reference import (
     LOG2E,
+    alibi_bias,
     attention_naive,
     attention_tiled_backward,
     attention_tiled_forward,
@@ -447,3 +448,446 @@ def test_flop_counts():
     # FlashAttention's nominal backward: those 4 plus one recomputation of q kᵀ = 2.5 · forward
     assert (naive_bwd.get_total_flops() + 2 * unit) / fwd.get_total_flops() == 2.5
     assert bwd.get_total_flops() == 14 * unit  # two passes: 7 matmuls executed = 3.5 · forward
+
+
+# §15 -- score modifications: softcap, ALiBi, masks, dropout, GQA --------------------------------
+
+
+def vjp(f, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """dx = dy · ∂f/∂x, by autograd."""
+    xr = x.clone().requires_grad_()
+    f(xr).backward(dy)
+    return xr.grad
+
+
+def test_softcap_jacobian():
+    S, dS1, c = randn(5, 7, scale=4.0), randn(5, 7), 1.7
+    cap = lambda S: c * torch.tanh(S / c)
+    S1 = cap(S)
+    J = jacobian(cap, S).reshape(35, 35)
+    factor = 1 - (S1 / c) ** 2  # = 1 − tanh²(S/c), read off the capped score alone
+    torch.testing.assert_close(J, torch.diag(factor.flatten()), **TOL)  # diagonal
+    torch.testing.assert_close(factor, 1 - torch.tanh(S / c) ** 2, **TOL)
+    torch.testing.assert_close(vjp(cap, S, dS1), dS1 * factor, **TOL)  # dS = dS¹ ∘ (1 − (S¹/c)²)
+    assert bool((S1.abs() < c).all()) and bool((factor > 0).all())
+
+
+def test_softcap_in_log2_units():
+    S, c = randn(6, 9, scale=5.0), 2.5  # natural units
+    c2, S2 = c * LOG2E, S * LOG2E  # what the kernel holds: qk = S · log2 e
+    capped2 = c2 * torch.tanh(S2 / c2)
+    torch.testing.assert_close(capped2, LOG2E * c * torch.tanh(S / c), **TOL)
+    torch.testing.assert_close(1 - (capped2 / c2) ** 2, 1 - torch.tanh(S / c) ** 2, **TOL)
+    lse = torch.logsumexp(c * torch.tanh(S / c), -1)
+    p = torch.exp2(capped2 - (lse * LOG2E)[:, None])  # §7–§8 with the capped scores
+    torch.testing.assert_close(p, torch.softmax(c * torch.tanh(S / c), -1), **TOL)
+
+
+def test_softcap_before_mask():
+    S, dP, c = randn(4, 6, scale=3.0), randn(4, 6), 1.5
+    keep = torch.rand(4, 6) < 0.6
+    keep[:, 0] = True
+    S1 = c * torch.tanh(S / c)
+    P = torch.softmax(S1.masked_fill(~keep, float("-inf")), -1)
+    # capping after the mask would turn -inf into the finite -c: masked keys would get weight
+    wrong = torch.softmax(c * torch.tanh(S.masked_fill(~keep, float("-inf")) / c), -1)
+    assert bool((wrong[~keep] > 0).all()) and bool((P[~keep] == 0).all())
+    # the backward's factor must come from the capped score before the mask
+    ds1 = P * (dP - (P * dP).sum(-1, keepdim=True))
+    S_masked = S1.masked_fill(~keep, float("-inf"))
+    assert bool((ds1 * (1 - (S_masked / c) ** 2))[~keep].isnan().all())  # 0 · (−inf)
+    ds = ds1 * (1 - (S1 / c) ** 2)
+    assert torch.equal(ds[~keep], torch.zeros_like(ds[~keep]))
+    chain = lambda S: torch.softmax((c * torch.tanh(S / c)).masked_fill(~keep, float("-inf")), -1)
+    torch.testing.assert_close(vjp(chain, S, dP), ds, **TOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_is_a_constant_bias(causal):
+    Q, K, V, dO = qkv(1, 3, 9, 12, 8)
+    scale, slopes = 0.3, torch.rand(3, dtype=F64)
+    A = alibi_bias(slopes, 9, 12)  # (1, 3, 9, 12): −slope_h · |i + diag_offset − j|
+    keep = keep_mask(9, 12, causal)
+    Qr, Kr, Vr, Ar = (t.clone().requires_grad_() for t in (Q, K, V, A))
+    S2 = scale * Qr @ Kr.transpose(-2, -1) + Ar
+    S2.retain_grad()
+    P = torch.softmax(S2.masked_fill(~keep, float("-inf")), -1)
+    (P @ Vr).backward(dO)
+    P = P.detach()
+    dP = dO @ V.transpose(-2, -1)
+    dS = P * (dP - (dO * (P @ V)).sum(-1, keepdim=True))  # §4–§5, P of the biased scores
+    torch.testing.assert_close(S2.grad, dS, **TOL)
+    torch.testing.assert_close(Ar.grad, dS, **TOL)  # ∂S²/∂S¹ = I: the same dS goes on to Q, K
+    torch.testing.assert_close(Qr.grad, scale * dS @ K, **TOL)
+    torch.testing.assert_close(Kr.grad, scale * dS.transpose(-2, -1) @ Q, **TOL)
+    # were the slopes learned: d slope_h = −Σ_ij dS_hij · |i + off − j|
+    sr = slopes.clone().requires_grad_()
+    alibi_bias(sr, 9, 12).backward(dS)
+    dist = (torch.arange(9)[:, None] + 3 - torch.arange(12)[None, :]).abs().to(F64)
+    torch.testing.assert_close(sr.grad, -(dS * dist).sum((0, 2, 3)), **TOL)
+    if causal:  # j ≤ i + off: the bias is −slope·(i + off) + slope·j, a row shift plus slope·j
+        S = scale * Q @ K.transpose(-2, -1)
+        off, j = 12 - 9, torch.arange(12, dtype=F64)
+        row = -slopes[:, None] * (torch.arange(9, dtype=F64) + off)  # (3, 9)
+        S_j = (S + slopes[:, None, None] * j).masked_fill(~keep, float("-inf"))
+        torch.testing.assert_close(torch.softmax(S_j, -1), P, **TOL)  # §2: shift invariance
+        lse = torch.logsumexp((S + A).masked_fill(~keep, float("-inf")), -1)
+        torch.testing.assert_close(lse, torch.logsumexp(S_j, -1) + row, **TOL)  # lse moves
+
+
+MASK_CASES = [  # Nq, Nk, diag_offset, window (left, right; negative = unbounded), user mask
+    (10, 13, None, (-1, 0), False),  # causal
+    (10, 13, None, (3, 2), False),  # sliding window
+    (13, 10, 0, (-1, 4), False),  # top-left, right side only
+    (11, 11, None, (2, -1), True),  # left side only, with a user mask
+    (12, 15, None, (-1, -1), True),  # user mask only
+]
+
+
+def mask_for(Nq, Nk, diag_offset, window, user):
+    keep = keep_mask(Nq, Nk, False, diag_offset, window_size=window)
+    if user:
+        user_mask = torch.rand(Nq, Nk) < 0.5
+        off = Nk - Nq if diag_offset is None else diag_offset
+        i = torch.arange(Nq)
+        user_mask[i, (i + off).clamp(0, Nk - 1)] = True  # every row keeps at least one key
+        keep = keep & user_mask
+    assert bool(keep.any(-1).all())  # rows that see nothing are §10's business
+    return keep
+
+
+@pytest.mark.parametrize("Nq,Nk,diag_offset,window,user", MASK_CASES)
+def test_masked_entries_get_no_gradient(Nq, Nk, diag_offset, window, user):
+    keep = mask_for(Nq, Nk, diag_offset, window, user)
+    S, dO, V = randn(2, Nq, Nk, scale=2.0), randn(2, Nq, 5), randn(2, Nk, 5)
+    Sr = S.clone().requires_grad_()
+    Sm = Sr.masked_fill(~keep, float("-inf"))
+    Sm.retain_grad()
+    P = torch.softmax(Sm, -1)
+    (P @ V).backward(dO)
+    P = P.detach()
+    assert torch.equal(P[:, ~keep], torch.zeros_like(P[:, ~keep]))
+    dP = dO @ V.transpose(-2, -1)
+    dS = P * (dP - (dO * (P @ V)).sum(-1, keepdim=True))
+    assert torch.equal(dS[:, ~keep], torch.zeros_like(dS[:, ~keep]))  # P = 0 there: exact zeros
+    torch.testing.assert_close(Sm.grad, dS, **TOL)
+    torch.testing.assert_close(Sr.grad, dS, **TOL)  # the mask's Jacobian: diag(keep)
+
+
+def band_key_range(start_m, end_m, diag_offset, window, Nk, BLOCK_N):
+    """Key blocks [lo, hi) that the query rows [start_m, end_m) see under the band mask."""
+    left, right = (w if w >= 0 else 10**9 for w in window)
+    first = max(0, start_m + diag_offset - left)
+    hi = max(0, min(Nk, end_m - 1 + diag_offset + right + 1))
+    return first - first % BLOCK_N, hi
+
+
+def band_query_range(start_n, end_n, diag_offset, window, Nq, BLOCK_M):
+    """Query blocks [lo, hi) that see the keys [start_n, end_n) under the band mask."""
+    left, right = (w if w >= 0 else 10**9 for w in window)
+    first = max(0, start_n - diag_offset - right)
+    hi = max(0, min(Nq, end_n - 1 - diag_offset + left + 1))
+    return first - first % BLOCK_M, hi
+
+
+BAND_CASES = [  # Nq, Nk, diag_offset, window
+    (65, 65, 0, (-1, 0)),
+    (40, 70, 30, (5, 3)),
+    (70, 40, -30, (-1, 4)),
+    (50, 90, 40, (20, -1)),
+    (90, 50, -40, (0, 0)),
+    (33, 47, 14, (7, 9)),
+]
+
+
+@pytest.mark.parametrize("Nq,Nk,diag_offset,window", BAND_CASES)
+def test_window_block_ranges_are_exact(Nq, Nk, diag_offset, window):
+    keep = keep_mask(Nq, Nk, False, diag_offset, window_size=window)
+    BM, BN = 16, 8
+    for m in range(0, Nq, BM):
+        lo, hi = band_key_range(m, min(m + BM, Nq), diag_offset, window, Nk, BN)
+        seen = {n for n in range(0, Nk, BN) if keep[m : m + BM, n : n + BN].any()}
+        assert set(range(lo, hi, BN)) == seen  # contiguous, and every block in it is needed
+    for n in range(0, Nk, BN):
+        lo, hi = band_query_range(n, min(n + BN, Nk), diag_offset, window, Nq, BM)
+        seen = {m for m in range(0, Nq, BM) if keep[m : m + BM, n : n + BN].any()}
+        assert set(range(lo, hi, BM)) == seen
+
+
+def test_dropout_backward():
+    S, V, dO, p_drop = randn(2, 8, 11, scale=2.0), randn(2, 11, 5), randn(2, 8, 5), 0.3
+    Z = torch.rand(2, 8, 11) < 1 - p_drop  # the keep mask, Bernoulli(1 − p)
+    zs = Z.to(F64) / (1 - p_drop)
+    Sr, Vr = S.clone().requires_grad_(), V.clone().requires_grad_()
+    P = torch.softmax(Sr, -1)
+    P.retain_grad()
+    P_drop = P * zs
+    P_drop.retain_grad()
+    O = P_drop @ Vr
+    O.backward(dO)
+    grad_P, grad_P_drop = P.grad, P_drop.grad
+    P, P_drop, O = P.detach(), P_drop.detach(), O.detach()
+    dP_drop = dO @ V.transpose(-2, -1)
+    dP = dP_drop * zs
+    Delta = (dO * O).sum(-1, keepdim=True)
+    torch.testing.assert_close(Vr.grad, P_drop.transpose(-2, -1) @ dO, **TOL)  # dV = P_dropᵀ dO
+    torch.testing.assert_close(grad_P_drop, dP_drop, **TOL)  # dP_drop = dO Vᵀ
+    torch.testing.assert_close(grad_P, dP, **TOL)  # dP = dP_drop ∘ Z/(1 − p)
+    torch.testing.assert_close(Delta, (P_drop * dP_drop).sum(-1, keepdim=True), **TOL)
+    torch.testing.assert_close(Delta, (P * dP).sum(-1, keepdim=True), **TOL)
+    dS = P * (dP - Delta)
+    torch.testing.assert_close(Sr.grad, dS, **TOL)
+    # a dropped entry still has a gradient: it moves the normalizer of its row
+    torch.testing.assert_close(dS[~Z], (-P * Delta)[~Z], **TOL)
+    assert bool((dS[~Z] != 0).all())
+
+
+@pytest.mark.parametrize("sizes", [[30], [1] * 30, [8, 8, 8, 6], [3, 17, 1, 9]])
+def test_dropout_online_softmax(sizes):
+    s, v, p_drop = randn(30, scale=5.0), randn(30, 4), 0.25
+    zs = (torch.rand(30) < 1 - p_drop).to(F64) / (1 - p_drop)
+    m, l, acc = torch.tensor(float("-inf"), dtype=F64), torch.tensor(0.0, dtype=F64), 0 * v[0]
+    end = 0
+    for size in sizes:  # §6 with l summing p and acc summing p ∘ Z/(1 − p)
+        blk = slice(end, end + size)
+        end += size
+        m_new = torch.maximum(m, s[blk].max())
+        alpha, p = torch.exp(m - m_new), torch.exp(s[blk] - m_new)
+        l, acc, m = alpha * l + p.sum(), alpha * acc + (p * zs[blk]) @ v[blk], m_new
+    torch.testing.assert_close(acc / l, (torch.softmax(s, -1) * zs) @ v, **TOL)
+    torch.testing.assert_close(m + torch.log(l), torch.logsumexp(s, -1), **TOL)  # Z-free
+
+
+@pytest.mark.parametrize("H,H_k", [(6, 2), (4, 1), (3, 3)])
+def test_gqa_grads_sum_over_group(H, H_k):
+    group = H // H_k
+    Q, dO = randn(2, H, 7, 8), randn(2, H, 7, 8)
+    K, V = randn(2, H_k, 9, 8), randn(2, H_k, 9, 8)
+    scale = 0.35
+    Kr, Vr = K.clone().requires_grad_(), V.clone().requires_grad_()
+    Kh, Vh = Kr.repeat_interleave(group, 1), Vr.repeat_interleave(group, 1)  # head h: h // group
+    Kh.retain_grad()
+    Vh.retain_grad()
+    (torch.softmax(scale * Q @ Kh.transpose(-2, -1), -1) @ Vh).backward(dO)
+    for h in range(H):
+        assert torch.equal(Kh[:, h], K[:, h // group])
+    # the sum of the Jacobian of the copy: dK_g = Σ_{h // group = g} dK_h
+    torch.testing.assert_close(Kr.grad, Kh.grad.unflatten(1, (H_k, group)).sum(2), **TOL)
+    torch.testing.assert_close(Vr.grad, Vh.grad.unflatten(1, (H_k, group)).sum(2), **TOL)
+    # the dK/dV program of kv head g: accumulate over its query heads, scale once at the end
+    for g in range(H_k):
+        dk, dv = torch.zeros_like(K[:, g]), torch.zeros_like(V[:, g])
+        for h in range(g * group, (g + 1) * group):
+            P = torch.softmax(scale * Q[:, h] @ K[:, g].transpose(-2, -1), -1)
+            dP = dO[:, h] @ V[:, g].transpose(-2, -1)
+            dS = P * (dP - (dO[:, h] * (P @ V[:, g])).sum(-1, keepdim=True))
+            dv += P.transpose(-2, -1) @ dO[:, h]
+            dk += dS.transpose(-2, -1) @ Q[:, h]
+        torch.testing.assert_close(dk * scale, Kr.grad[:, g], **TOL)
+        torch.testing.assert_close(dv, Vr.grad[:, g], **TOL)
+
+
+def modified_tiles(Q, K, V, keep, Z, opts, BLOCK_M, BLOCK_N):
+    """The tile recipe of §15.7 for one batch: Q (H, Nq, D), K, V (H_k, Nk, D), keep (H, Nq, Nk),
+    Z (H, Nq, Nk) bool or None. Returns tile(h, offs_m, offs_n): the tensors of one tile."""
+    scale, c, A = opts["scale"], opts["softcap"], opts["alibi"]
+    zs = None if Z is None else Z.to(F64) / (1 - opts["dropout_p"])
+    group = Q.shape[0] // K.shape[0]
+
+    def tile(h, offs_m, offs_n):
+        q, k, v = Q[h, offs_m], K[h // group, offs_n], V[h // group, offs_n]
+        s = scale * q @ k.T
+        t = torch.tanh(s / c) if c > 0 else None
+        if c > 0:
+            s = c * t
+        if A is not None:
+            s = s + A[h][offs_m][:, offs_n]
+        kept = keep[h][offs_m][:, offs_n]
+        qk = s.masked_fill(~kept, float("-inf")) * LOG2E  # log2 units, as §8
+        z = torch.ones_like(qk) if zs is None else zs[h][offs_m][:, offs_n]
+        return q, k, v, qk, t, z, bool(kept.any())
+
+    return tile
+
+
+def modified_forward(Q, K, V, keep, Z, opts, BLOCK_M, BLOCK_N, skip):
+    H, Nq, D = Q.shape
+    Nk = K.shape[1]
+    tile = modified_tiles(Q, K, V, keep, Z, opts, BLOCK_M, BLOCK_N)
+    O, LSE, skipped = torch.empty_like(Q), torch.empty(H, Nq, dtype=F64), 0
+    for h in range(H):
+        for start_m in range(0, Nq, BLOCK_M):
+            offs_m = torch.arange(start_m, min(start_m + BLOCK_M, Nq))
+            m_i = torch.full((len(offs_m),), float("-inf"), dtype=F64)
+            l_i, acc = torch.zeros_like(m_i), torch.zeros(len(offs_m), D, dtype=F64)
+            for start_n in range(0, Nk, BLOCK_N):
+                offs_n = torch.arange(start_n, min(start_n + BLOCK_N, Nk))
+                _, _, v, qk, _, z, any_kept = tile(h, offs_m, offs_n)
+                if skip and not any_kept:
+                    skipped += 1
+                    continue
+                m_ij = torch.maximum(m_i, qk.amax(-1))
+                m_safe = torch.where(m_ij == float("-inf"), 0.0, m_ij)
+                p = torch.exp2(qk - m_safe[:, None])
+                alpha = torch.exp2(m_i - m_safe)
+                l_i = l_i * alpha + p.sum(-1)  # the normalizer: every p, dropped or not
+                acc = acc * alpha[:, None] + (p * z) @ v  # the output: p ∘ Z/(1 − p)
+                m_i = m_ij
+            l_safe = torch.where(l_i == 0, 1.0, l_i)
+            O[h, offs_m] = acc / l_safe[:, None]
+            LSE[h, offs_m] = torch.where(
+                l_i == 0, float("-inf"), (m_i + torch.log2(l_safe)) / LOG2E
+            )
+    return O, LSE, skipped
+
+
+def modified_backward(Q, K, V, O, dO, LSE, keep, Z, opts, BLOCK_M, BLOCK_N, skip):
+    H, Nq, _ = Q.shape
+    H_k, Nk, _ = K.shape
+    group, scale, c = H // H_k, opts["scale"], opts["softcap"]
+    tile = modified_tiles(Q, K, V, keep, Z, opts, BLOCK_M, BLOCK_N)
+    Delta = (dO * O).sum(-1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP), dropout or not
+    LSE2 = torch.where(LSE == float("-inf"), float("inf"), LSE * LOG2E)
+
+    def grads(h, offs_m, offs_n):
+        q, k, v, qk, t, z, any_kept = tile(h, offs_m, offs_n)
+        p = torch.exp2(qk - LSE2[h, offs_m, None])  # P, before dropout
+        dp = (dO[h, offs_m] @ v.T) * z  # dP = dP_drop ∘ Z/(1 − p)
+        ds = p * (dp - Delta[h, offs_m, None])
+        if c > 0:
+            ds = ds * (1 - t**2)  # t = tanh(S/c) from before the mask: finite everywhere
+        return q, k, p * z, ds, any_kept
+
+    dQ, dK, dV = torch.zeros_like(Q), torch.zeros_like(K), torch.zeros_like(V)
+    for g in range(H_k):  # dK/dV: one program per (kv head, key block)
+        for start_n in range(0, Nk, BLOCK_N):
+            offs_n = torch.arange(start_n, min(start_n + BLOCK_N, Nk))
+            dk, dv = torch.zeros_like(K[g, offs_n]), torch.zeros_like(V[g, offs_n])
+            for h in range(g * group, (g + 1) * group):  # the group, summed in registers
+                for start_m in range(0, Nq, BLOCK_M):
+                    offs_m = torch.arange(start_m, min(start_m + BLOCK_M, Nq))
+                    q, _, p_drop, ds, any_kept = grads(h, offs_m, offs_n)
+                    if skip and not any_kept:
+                        continue
+                    dv += p_drop.T @ dO[h, offs_m]
+                    dk += ds.T @ q
+            dK[g, offs_n], dV[g, offs_n] = dk * scale, dv
+    for h in range(H):  # dQ: one program per (query head, query block)
+        for start_m in range(0, Nq, BLOCK_M):
+            offs_m = torch.arange(start_m, min(start_m + BLOCK_M, Nq))
+            dq = torch.zeros_like(Q[h, offs_m])
+            for start_n in range(0, Nk, BLOCK_N):
+                offs_n = torch.arange(start_n, min(start_n + BLOCK_N, Nk))
+                _, k, _, ds, any_kept = grads(h, offs_m, offs_n)
+                if skip and not any_kept:
+                    continue
+                dq += ds @ k
+            dQ[h, offs_m] = dq * scale
+    return dQ, dK, dV
+
+
+MODIFIED_CASES = [  # name, H, H_k, Nq, Nk, diag_offset, window, softcap, alibi, user mask, p
+    ("gqa", 4, 2, 21, 30, None, (-1, -1), 0.0, False, False, 0.0),
+    ("softcap+alibi+causal", 2, 2, 30, 21, 0, (-1, 0), 1.5, True, False, 0.0),
+    ("everything", 6, 2, 37, 50, None, (6, 3), 1.5, True, True, 0.3),
+    ("mqa+window+dropout, empty rows", 3, 1, 45, 29, None, (4, 0), 0.8, True, False, 0.2),
+    ("top-left, right window, user mask", 2, 1, 29, 40, 0, (-1, 5), 0.0, False, True, 0.25),
+]
+
+
+def modified_case(H, H_k, Nq, Nk, diag_offset, window, softcap, alibi, user, p):
+    D = 8
+    Q, K, V, dO = randn(H, Nq, D), randn(H_k, Nk, D), randn(H_k, Nk, D), randn(H, Nq, D)
+    slopes = torch.rand(H, dtype=F64) if alibi else None
+    A = alibi_bias(slopes, Nq, Nk, diag_offset)[0] if alibi else None
+    user_mask = (torch.rand(H, Nq, Nk) < 0.7) if user else None
+    keep = keep_mask(Nq, Nk, False, diag_offset, window_size=window).expand(H, Nq, Nk)
+    if user:
+        keep = keep & user_mask
+    Z = (torch.rand(H, Nq, Nk) < 1 - p) if p > 0 else None
+    opts = {"scale": 0.3, "softcap": softcap, "alibi": A, "dropout_p": p}
+    naive_kw = {
+        "softmax_scale": 0.3,
+        "diag_offset": diag_offset,
+        "dtype": F64,
+        "window_size": window,
+        "softcap": softcap,
+        "alibi_slopes": slopes,
+        "mask": user_mask,
+        "dropout_p": p,
+        "dropout_keep": Z,
+    }
+    return Q, K, V, dO, keep, Z, opts, naive_kw
+
+
+@pytest.mark.parametrize("case", MODIFIED_CASES, ids=[c[0] for c in MODIFIED_CASES])
+def test_modified_backward_closed_forms_match_autograd(case):
+    """The chain of §15.1, stage by stage, against autograd through the reference."""
+    Q, K, V, dO, keep, Z, opts, kw = modified_case(*case[1:])
+    H, H_k, c = Q.shape[0], K.shape[0], opts["softcap"]
+    group, scale = H // H_k, opts["scale"]
+    zs = torch.ones(keep.shape, dtype=F64) if Z is None else Z.to(F64) / (1 - opts["dropout_p"])
+    Qr, Kr, Vr = (t.clone().requires_grad_() for t in (Q, K, V))
+    Kh, Vh = Kr.repeat_interleave(group, 0), Vr.repeat_interleave(group, 0)
+    S0 = scale * Qr @ Kh.transpose(-2, -1)
+    S1 = c * torch.tanh(S0 / c) if c > 0 else S0
+    S2 = S1 + opts["alibi"] if opts["alibi"] is not None else S1
+    S = S2.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(S, -1)
+    P = torch.exp(S - torch.where(lse == float("-inf"), 0.0, lse)[..., None])  # §10: rows of 0
+    P_drop = P * zs
+    O = P_drop @ Vh
+    stages = (Kh, Vh, S0, S1, S2, S, P, P_drop)
+    for t in stages:
+        t.retain_grad()
+    O.backward(dO)
+    grad = {name: t.grad for name, t in zip(("Kh", "Vh", "S0", "S1", "S2", "S", "P", "Pd"), stages)}
+    Kh, Vh, S0, S1, S2, S, P, P_drop = (t.detach() for t in stages)
+    O_ref, lse_ref = attention_naive(Q[None], K[None], V[None], **kw)
+    torch.testing.assert_close(O.detach(), O_ref[0], **TOL)
+    torch.testing.assert_close(lse, lse_ref[0], rtol=0, atol=1e-12)
+    # §7: P from lse alone, for the final scores S (cap and bias included, then dropout apart)
+    lse_safe = torch.where(lse == float("-inf"), float("inf"), lse)
+    torch.testing.assert_close(torch.exp(S - lse_safe[..., None]), P, **TOL)
+    dV_h = P_drop.transpose(-2, -1) @ dO
+    dP_drop = dO @ Vh.transpose(-2, -1)
+    dP = dP_drop * zs
+    Delta = (dO * O.detach()).sum(-1, keepdim=True)
+    dS = P * (dP - Delta)
+    dS0 = dS * (1 - (S1 / c) ** 2) if c > 0 else dS
+    dK_h = scale * dS0.transpose(-2, -1) @ Q
+    torch.testing.assert_close(grad["Vh"], dV_h, **TOL)  # dV = P_dropᵀ dO, per query head
+    torch.testing.assert_close(grad["Pd"], dP_drop, **TOL)  # dP_drop = dO Vᵀ
+    torch.testing.assert_close(grad["P"], dP, **TOL)  # dP = dP_drop ∘ Z/(1 − p)
+    torch.testing.assert_close(Delta, (P * dP).sum(-1, keepdim=True), **TOL)
+    # at S itself autograd's logsumexp gives NaN on a row that sees nothing (−∞ − (−∞)); those
+    # entries are constants (−∞) and the mask's Jacobian diag(keep) drops them
+    torch.testing.assert_close(grad["S"][keep], dS[keep], **TOL)
+    for name in ("S2", "S1"):  # the mask and the bias pass dS on unchanged
+        torch.testing.assert_close(grad[name], dS, **TOL)
+    torch.testing.assert_close(grad["S0"], dS0, **TOL)  # the cap: ∘ (1 − (S¹/c)²)
+    torch.testing.assert_close(Qr.grad, scale * dS0 @ Kh, **TOL)
+    torch.testing.assert_close(grad["Kh"], dK_h, **TOL)
+    torch.testing.assert_close(Kr.grad, dK_h.unflatten(0, (H_k, group)).sum(1), **TOL)
+    torch.testing.assert_close(Vr.grad, dV_h.unflatten(0, (H_k, group)).sum(1), **TOL)
+
+
+@pytest.mark.parametrize("case", MODIFIED_CASES, ids=[c[0] for c in MODIFIED_CASES])
+def test_modified_tiled_algorithm(case):
+    """§15.7's tiles, forward and both backward passes, against autograd; and skipping every
+    tile with no kept entry changes no bit."""
+    Q, K, V, dO, keep, Z, opts, kw = modified_case(*case[1:])
+    Qr, Kr, Vr = (t.clone().requires_grad_() for t in (Q, K, V))
+    O_ref, lse_ref = attention_naive(Qr[None], Kr[None], Vr[None], **kw)
+    O_ref.backward(dO[None])
+    full = modified_forward(Q, K, V, keep, Z, opts, 16, 8, skip=False)
+    O, LSE, skipped = modified_forward(Q, K, V, keep, Z, opts, 16, 8, skip=True)
+    assert skipped > 0 or bool(keep.all())
+    assert torch.equal(O, full[0]) and torch.equal(LSE, full[1])
+    torch.testing.assert_close(O, O_ref[0].detach(), **TOL)
+    torch.testing.assert_close(LSE, lse_ref[0].detach(), **TOL)
+    grads = modified_backward(Q, K, V, O, dO, LSE, keep, Z, opts, 16, 8, skip=True)
+    grads_full = modified_backward(Q, K, V, O, dO, LSE, keep, Z, opts, 16, 8, skip=False)
+    for got, got_full, want in zip(grads, grads_full, (Qr.grad, Kr.grad, Vr.grad)):
+        assert torch.equal(got, got_full)  # a skipped tile would have added exact zeros
+        torch.testing.assert_close(got, want, **TOL)

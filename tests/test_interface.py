@@ -62,8 +62,10 @@ def _make(spec, dev):
 
 
 def fa(q=Q, k=KV, v=KV, **kwargs):
-    return lambda dev: flashtile.flash_attn_func(_make(q, dev), _make(k, dev), _make(v, dev),
-                                                 **kwargs)
+    """A call of flash_attn_func; keyword values that are callables are built on dev."""
+    return lambda dev: flashtile.flash_attn_func(
+        _make(q, dev), _make(k, dev), _make(v, dev),
+        **{name: (a(dev) if callable(a) else a) for name, a in kwargs.items()})
 
 
 def sdpa(query=QUERY, key=KEYVAL, value=KEYVAL, **kwargs):
@@ -105,12 +107,10 @@ BAD_CALLS = [
     case("heads_kv", fa(v=(2, 12, 2, 16)), ValueError, r"v has 2 heads but k has 4"),
     case("heads_not_multiple", fa(q=(2, 10, 3, 16), k=(2, 12, 2, 16), v=(2, 12, 2, 16)),
          ValueError, r"q has 3 heads, which is not a multiple of k's 2"),
-    case("gqa", fa(k=(2, 12, 2, 16), v=(2, 12, 2, 16)), NotImplementedError,
-         r"k and v have 2 heads and q has 4: grouped-query attention .* not implemented"),
     case("head_dim_0", fa(q=(2, 10, 4, 0), k=(2, 12, 4, 0), v=(2, 12, 4, 0)), ValueError,
-         r"head dim must be between 1 and 256, got 0"),
-    case("head_dim_257", fa(q=(1, 3, 1, 257), k=(1, 2, 1, 257), v=(1, 2, 1, 257)), ValueError,
-         r"head dim must be between 1 and 256, got 257"),
+         r"head dim must be between 1 and 512, got 0"),
+    case("head_dim_513", fa(q=(1, 3, 1, 513), k=(1, 2, 1, 513), v=(1, 2, 1, 513)), ValueError,
+         r"head dim must be between 1 and 512, got 513"),
     case("integer", fa(q=integers(Q), k=integers(KV), v=integers(KV)), TypeError,
          r"q must be float16, bfloat16 or float32, got torch.int64"),
     case("dtype_mismatch", fa(k=float32(KV)), TypeError,
@@ -131,19 +131,28 @@ BAD_CALLS = [
          r"softmax_scale must be finite, got nan"),
     case("scale_inf", fa(softmax_scale=float("-inf")), ValueError,
          r"softmax_scale must be finite, got -inf"),
-    # -- flash_attn_func: arguments not implemented yet ------------------------------------
-    case("dropout", fa(dropout_p=0.1), NotImplementedError,
-         r"dropout_p=0\.1 is not implemented yet .*default 0\.0"),
-    case("window", fa(window_size=(8, 0)), NotImplementedError,
-         r"window_size=\(8, 0\) is not implemented yet .*default \(-1, -1\)"),
+    # -- flash_attn_func: options ----------------------------------------------------------
+    case("dropout_one", fa(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1\.0"),
+    case("dropout_negative", fa(dropout_p=-0.1), ValueError,
+         r"dropout_p must be in \[0, 1\), got -0\.1"),
+    case("dropout_str", fa(dropout_p="0.1"), TypeError, r"dropout_p must be a float, got str"),
     case("window_not_a_pair", fa(window_size=8), TypeError,
          r"window_size must be a pair \(left, right\), got 8"),
-    case("softcap", fa(softcap=30.0), NotImplementedError,
-         r"softcap=30\.0 is not implemented yet .*default 0\.0"),
-    case("alibi", fa(alibi_slopes=torch.ones(2, 4)), NotImplementedError,
-         r"alibi_slopes is not implemented yet"),
-    case("attn_probs", fa(return_attn_probs=True), NotImplementedError,
-         r"return_attn_probs=True is not implemented yet .*default False"),
+    case("window_below_minus_one", fa(window_size=(-2, 0)), ValueError,
+         r"window_size left must be >= 0, or -1 for no limit; got -2"),
+    case("window_float", fa(window_size=(4, 1.5)), TypeError,
+         r"window_size right must be an int, got float"),
+    case("softcap_negative", fa(softcap=-1.0), ValueError,
+         r"softcap must be finite and >= 0 \(0 is off\), got -1\.0"),
+    case("softcap_nan", fa(softcap=float("nan")), ValueError, r"softcap must be finite"),
+    case("softcap_str", fa(softcap="30"), TypeError, r"softcap must be a float, got str"),
+    case("alibi_shape", fa(alibi_slopes=float32((3,))), ValueError,
+         r"alibi_slopes must have shape \(4,\) or \(2, 4\), got \(3,\)"),
+    case("alibi_dtype", fa(alibi_slopes=lambda dev: torch.ones(4, device=dev,
+                                                                dtype=torch.float16)),
+         TypeError, r"alibi_slopes must be float32, got torch.float16"),
+    case("alibi_list", fa(alibi_slopes=a_list), TypeError,
+         r"alibi_slopes must be a torch.Tensor or None, got list"),
     # -- scaled_dot_product_attention, where flashtile's kernels would run -------------------
     case("sdpa_integer", sdpa(query=integers(QUERY), key=integers(KEYVAL),
                               value=integers(KEYVAL)), TypeError,
@@ -244,24 +253,63 @@ def test_sdpa_3d_inputs(is_causal, dtype, dev, monkeypatch):
     check_sdpa(query, key, value, is_causal=is_causal, scale=None, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_enable_gqa(is_causal, dev, monkeypatch):
+    """enable_gqa: 6 query heads share 2 key/value heads, run by flashtile's kernels."""
+    query = torch.randn(2, 6, 40, 32, device=dev, dtype=torch.float16).requires_grad_()
+    key, value = (torch.randn(2, 2, 55, 32, device=dev, dtype=torch.float16).requires_grad_()
+                  for _ in range(2))
+    dout = torch.randn_like(query)
+    seen = _spy_forward(monkeypatch)
+    got = sdpa_with_grads(flashtile.scaled_dot_product_attention, query, key, value, dout,
+                          is_causal=is_causal, enable_gqa=True)
+    assert len(seen) == 1
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (query, key, value))
+    ref = sdpa_with_grads(F.scaled_dot_product_attention, q64, k64, v64, dout.double(),
+                          is_causal=is_causal, enable_gqa=True)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (query, key, value))
+    base = sdpa_with_grads(F.scaled_dot_product_attention, q32, k32, v32, dout.float(),
+                           is_causal=is_causal, enable_gqa=True)
+    base = tuple(b.half() for b in base)  # fp16 rounding of an fp32 computation
+    for name, g, r, b in zip(("out", "dquery", "dkey", "dvalue"), got, ref, base):
+        assert_close(f"sdpa gqa {name}", g, r, tolerance(r, b, torch.float16))
+
+
+def test_sdpa_dropout_is_flashtiles_and_seeded(dev, monkeypatch):
+    """dropout_p > 0 runs flashtile's dropout: reproducible under torch.manual_seed, different
+    for another seed, and the kept fraction near 1 - p."""
+    query, key, value = (torch.randn(1, 2, 64, 16, device=dev) for _ in range(3))
+    seen = _spy_forward(monkeypatch)
+    torch.manual_seed(3)
+    a = flashtile.scaled_dot_product_attention(query, key, value, dropout_p=0.5)
+    torch.manual_seed(3)
+    b = flashtile.scaled_dot_product_attention(query, key, value, dropout_p=0.5)
+    c = flashtile.scaled_dot_product_attention(query, key, value, dropout_p=0.5)
+    assert len(seen) == 3
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    no_dropout = flashtile.scaled_dot_product_attention(query, key, value)
+    assert not torch.allclose(a, no_dropout)
+
+
 # -- SDPA fallback to torch --------------------------------------------------------------------
 
 
-def fallback_case(name, nheads_k=4, **kwargs):
-    return pytest.param(name, nheads_k, kwargs, id=name)
+def fallback_case(name, value_dim=16, **kwargs):
+    return pytest.param(name, value_dim, kwargs, id=name)
 
 
+# The id is a phrase of the warning.
 FALLBACKS = [
     fallback_case("attn_mask", attn_mask=lambda L, S, dev: torch.rand(L, S, device=dev) > 0.3),
-    fallback_case("dropout_p", dropout_p=0.2),
-    fallback_case("enable_gqa", nheads_k=2, enable_gqa=True),
+    fallback_case("value head dim", value_dim=24),
 ]
 
 
-def fallback_inputs(name, nheads_k, kwargs, dev):
+def fallback_inputs(name, value_dim, kwargs, dev):
     L, S = 21, 34
     query = torch.randn(2, 4, L, 16, device=dev)
-    key, value = (torch.randn(2, nheads_k, S, 16, device=dev) for _ in range(2))
+    key = torch.randn(2, 4, S, 16, device=dev)
+    value = torch.randn(2, 4, S, value_dim, device=dev)
     kwargs = {k: (v(L, S, dev) if callable(v) else v) for k, v in kwargs.items()}
     return query, key, value, kwargs
 
@@ -273,9 +321,9 @@ def call_recording_warnings(*args, **kwargs):
     return out, [w for w in caught if "flashtile" in str(w.message)]
 
 
-@pytest.mark.parametrize("name,nheads_k,kwargs", FALLBACKS)
-def test_fallback_is_torch_and_warns_once(name, nheads_k, kwargs, dev, monkeypatch):
-    query, key, value, kwargs = fallback_inputs(name, nheads_k, kwargs, dev)
+@pytest.mark.parametrize("name,value_dim,kwargs", FALLBACKS)
+def test_fallback_is_torch_and_warns_once(name, value_dim, kwargs, dev, monkeypatch):
+    query, key, value, kwargs = fallback_inputs(name, value_dim, kwargs, dev)
     _forbid(monkeypatch, interface, "attention_forward", "the forward kernel")
     torch.manual_seed(1)  # the same dropout mask for both calls
     got, caught = call_recording_warnings(query, key, value, **kwargs)

@@ -3,6 +3,7 @@ materialized one against autograd, torch's SDPA and finite differences, and the 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -220,3 +221,245 @@ def test_unseen_keys_get_zero_grad():
     assert torch.equal(dK[:, :, 20:], torch.zeros(B, H, 30, D, dtype=F64))
     assert torch.equal(dV[:, :, 20:], torch.zeros(B, H, 30, D, dtype=F64))
     assert bool((dV[:, :, :20] != 0).all())
+
+
+# -- features: window, softcap, ALiBi, GQA, user mask, dropout, probabilities ------------------
+
+
+@pytest.mark.parametrize(
+    "Nq,Nk,causal,window,diag_offset,expected",
+    [
+        (4, 4, False, (1, 0), None, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]),
+        (3, 5, False, (0, 1), None, [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]]),
+        (3, 5, False, (-1, 0), None, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+        (3, 5, True, (1, 3), None, [[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]),  # right=0
+        (3, 5, True, (-1, 2), None, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+        (2, 5, False, (1, 1), None, [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]),
+        (5, 3, False, (0, -1), None, [[1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 0, 1]]),
+        (5, 3, False, (0, 0), None, [[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]),
+        (3, 3, False, (0, 0), 1, [[0, 1, 0], [0, 0, 1], [0, 0, 0]]),
+        (3, 4, False, (1, 1), 0, [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]),  # top-left
+        (2, 3, False, (-1, -1), None, [[1, 1, 1], [1, 1, 1]]),
+    ],
+)
+def test_keep_mask_window_explicit(Nq, Nk, causal, window, diag_offset, expected):
+    got = keep_mask(Nq, Nk, causal, diag_offset, window_size=window)
+    assert torch.equal(got, torch.tensor(expected, dtype=torch.bool))
+
+
+def test_causal_is_window_right_zero():
+    for Nq, Nk in ((7, 12), (12, 7), (9, 9)):
+        for left in (-1, 0, 3):
+            want = keep_mask(Nq, Nk, False, window_size=(left, 0))
+            assert torch.equal(keep_mask(Nq, Nk, True, window_size=(left, -1)), want)
+            assert torch.equal(keep_mask(Nq, Nk, True, window_size=(left, 5)), want)
+        assert torch.equal(keep_mask(Nq, Nk, True, window_size=(-1, -1)), keep_mask(Nq, Nk, True))
+
+
+def by_rows(Q, K, V, scale, *, causal=False, window=(-1, -1), softcap=0.0, slopes=None,
+            mask=None, dropout_p=0.0, keep=None):
+    """Attention one row at a time in Python floats, straight from the definitions."""
+    B, H, Nq, D = Q.shape
+    Nk, group = K.shape[-2], H // K.shape[1]
+    left, right = (window[0], 0) if causal else window
+    O = torch.zeros(B, H, Nq, D, dtype=F64)
+    LSE = torch.full((B, H, Nq), float("-inf"), dtype=F64)
+    P = torch.zeros(B, H, Nq, Nk, dtype=F64)
+    for b, h, i in itertools.product(range(B), range(H), range(Nq)):
+        kv, diag = h // group, i + Nk - Nq
+        js = [j for j in range(Nk) if (left < 0 or j >= diag - left)
+              and (right < 0 or j <= diag + right) and (mask is None or bool(mask[b, h, i, j]))]
+        if not js:
+            continue
+        s = [scale * float(Q[b, h, i] @ K[b, kv, j]) for j in js]
+        if softcap > 0:
+            s = [softcap * math.tanh(x / softcap) for x in s]
+        if slopes is not None:
+            slope = float(slopes[h] if slopes.dim() == 1 else slopes[b, h])
+            s = [x - slope * abs(diag - j) for x, j in zip(s, js)]
+        lse = max(s) + math.log(sum(math.exp(x - max(s)) for x in s))
+        LSE[b, h, i] = lse
+        for j, x in zip(js, s):
+            p = math.exp(x - lse)
+            if keep is not None:
+                p = p / (1 - dropout_p) if bool(keep[b, h, i, j]) else 0.0
+            P[b, h, i, j] = p
+            O[b, h, i] += p * V[b, kv, j]
+    return O, LSE, P
+
+
+def feature_inputs(case, Nq, Nk, H, Hk):
+    """Q, K, V (H_k key/value heads) and attention_naive's keywords for a named case."""
+    Q = torch.randn(B, H, Nq, D, dtype=F64)
+    K, V = (torch.randn(B, Hk, Nk, D, dtype=F64) for _ in range(2))
+    kw = {}
+    if "window" in case:
+        kw["window_size"] = (3, 1)
+    if "softcap" in case:
+        kw["softcap"] = 2.0
+    if "alibi" in case:
+        kw["alibi_slopes"] = torch.rand(B, H, dtype=F64) if "alibi2" in case else torch.rand(H)
+    if "mask" in case:
+        kw["mask"] = torch.rand(B, H, Nq, Nk) < 0.7
+    if "dropout" in case:
+        kw["dropout_p"], kw["dropout_keep"] = 0.25, torch.rand(B, H, Nq, Nk) < 0.75
+    return Q, K, V, kw
+
+
+FEATURE_CASES = [  # (case, Nq, Nk, H, Hk, causal)
+    ("window", 6, 9, 2, 2, False),
+    ("window", 9, 6, 2, 2, True),
+    ("softcap", 5, 7, 2, 2, False),
+    ("alibi", 7, 5, 2, 2, False),
+    ("alibi2", 5, 7, 2, 2, True),
+    ("gqa", 5, 7, 4, 2, False),
+    ("mqa", 5, 7, 4, 1, True),
+    ("mask", 6, 8, 2, 2, False),
+    ("dropout", 6, 8, 2, 2, False),
+    ("window+softcap+alibi+gqa", 8, 6, 4, 2, False),
+    ("mask+dropout+alibi2+causal", 7, 7, 2, 1, True),
+]
+
+
+@pytest.mark.parametrize("case,Nq,Nk,H,Hk,causal", FEATURE_CASES, ids=[
+    f"{c[0]}-{c[1]}x{c[2]}-H{c[3]}:{c[4]}{'-causal' if c[5] else ''}" for c in FEATURE_CASES])
+def test_features_match_row_by_row(case, Nq, Nk, H, Hk, causal):
+    Q, K, V, kw = feature_inputs(case, Nq, Nk, H, Hk)
+    scale = 0.9
+    O, LSE, P = attention_naive(Q, K, V, scale, causal, dtype=F64, return_probs=True, **kw)
+    want = by_rows(Q, K, V, scale, causal=causal, window=kw.get("window_size", (-1, -1)),
+                   softcap=kw.get("softcap", 0.0), slopes=kw.get("alibi_slopes"),
+                   mask=kw.get("mask"), dropout_p=kw.get("dropout_p", 0.0),
+                   keep=kw.get("dropout_keep"))
+    for name, got, ref in zip(("O", "LSE", "P"), (O, LSE, P), want):
+        assert got.dtype == F64 and got.shape == ref.shape, name
+        torch.testing.assert_close(got, ref, **TOL, msg=name)  # -inf in the same places
+
+
+def test_softcap_formula():
+    Q, K, V, _ = inputs(9, 11)
+    scale, cap = 0.8, 1.5
+    _, LSE, P = attention_naive(Q, K, V, scale, softcap=cap, dtype=F64, return_probs=True)
+    S = cap * torch.tanh(scale * (Q @ K.transpose(-2, -1)) / cap)
+    assert bool((S.abs() < cap).all())
+    torch.testing.assert_close(P, torch.softmax(S, -1), **TOL)
+    torch.testing.assert_close(LSE, torch.logsumexp(S, -1), **TOL)
+    # a cap far above every score changes nothing (tanh(x) = x - x³/3 + ...)
+    O_far, _ = attention_naive(Q, K, V, scale, softcap=1e7, dtype=F64)
+    torch.testing.assert_close(O_far, attention_naive(Q, K, V, scale, dtype=F64)[0],
+                               rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_alibi_bias_matrix(per_batch):
+    """Q = 0: every score is 0, so P = softmax(bias) with the bias written out."""
+    Nq, Nk = 2, 4  # diag_offset 2: the diagonal of row i is key i + 2
+    dist = torch.tensor([[2, 1, 0, 1], [3, 2, 1, 0]], dtype=F64)
+    slopes = torch.tensor([[0.5, 0.25, 2.0], [1.0, 0.0, 3.0]], dtype=F64)[:, :H]  # (B, H)
+    if not per_batch:
+        slopes = slopes[0]
+    Q = torch.zeros(B, H, Nq, D, dtype=F64)
+    _, K, V, _ = inputs(Nq, Nk)
+    _, LSE, P = attention_naive(Q, K, V, alibi_slopes=slopes, dtype=F64, return_probs=True)
+    s = slopes if per_batch else slopes.expand(B, H)
+    bias = -s[:, :, None, None] * dist  # (B, H, Nq, Nk)
+    torch.testing.assert_close(P, torch.softmax(bias, -1), **TOL)
+    torch.testing.assert_close(LSE, torch.logsumexp(bias, -1), **TOL)
+    # top-left alignment: the diagonal of row i is key i
+    _, _, P0 = attention_naive(Q, K, V, diag_offset=0, alibi_slopes=slopes, dtype=F64,
+                               return_probs=True)
+    dist0 = torch.tensor([[0, 1, 2, 3], [1, 0, 1, 2]], dtype=F64)
+    torch.testing.assert_close(P0, torch.softmax(-s[:, :, None, None] * dist0, -1), **TOL)
+
+
+@pytest.mark.parametrize("Hk", [1, 2])
+def test_gqa_equals_each_query_head_with_its_kv_head(Hk):
+    H, Nq, Nk = 4, 7, 10
+    Q, dO = torch.randn(B, H, Nq, D, dtype=F64), torch.randn(B, H, Nq, D, dtype=F64)
+    K, V = (torch.randn(B, Hk, Nk, D, dtype=F64) for _ in range(2))
+    Qr, Kr, Vr = (t.clone().requires_grad_() for t in (Q, K, V))
+    O, LSE = attention_naive(Qr, Kr, Vr, causal=True, dtype=F64)
+    dQ, dK, dV = torch.autograd.grad(O, (Qr, Kr, Vr), dO)
+    assert dK.shape == K.shape and dV.shape == V.shape
+    dK_sum, dV_sum = torch.zeros_like(K), torch.zeros_like(V)
+    for h in range(H):
+        kv = h // (H // Hk)
+        q, k, v = (t.clone().requires_grad_() for t in (Q[:, h:h + 1], K[:, kv:kv + 1],
+                                                         V[:, kv:kv + 1]))
+        o, lse = attention_naive(q, k, v, causal=True, dtype=F64)
+        torch.testing.assert_close(O[:, h:h + 1], o, **TOL)
+        torch.testing.assert_close(LSE[:, h:h + 1], lse, **TOL)
+        dq, dk, dv = torch.autograd.grad(o, (q, k, v), dO[:, h:h + 1])
+        torch.testing.assert_close(dQ[:, h:h + 1], dq, **TOL)
+        dK_sum[:, kv:kv + 1] += dk
+        dV_sum[:, kv:kv + 1] += dv
+    torch.testing.assert_close(dK, dK_sum, **TOL)
+    torch.testing.assert_close(dV, dV_sum, **TOL)
+
+
+def test_dropout_scaling():
+    Q, K, V, _ = inputs(13, 17)
+    p = 0.3
+    keep = torch.rand(B, H, 13, 17) >= p
+    O, LSE, P = attention_naive(Q, K, V, causal=True, dtype=F64, return_probs=True)
+    Od, LSEd, Pd = attention_naive(Q, K, V, causal=True, dtype=F64, dropout_p=p,
+                                   dropout_keep=keep, return_probs=True)
+    assert torch.equal(LSEd, LSE)  # the softmax is taken before dropout
+    assert torch.equal(Pd[keep], P[keep] / (1 - p))
+    assert bool((Pd[~keep] == 0).all())
+    torch.testing.assert_close(Od, Pd @ V, **TOL)
+    everything = torch.ones(B, H, 13, 17, dtype=torch.bool)  # keep all: P / (1 - p)
+    O_all, _ = attention_naive(Q, K, V, causal=True, dtype=F64, dropout_p=p,
+                               dropout_keep=everything)
+    torch.testing.assert_close(O_all, O / (1 - p), **TOL)
+    with pytest.raises(ValueError, match="dropout_keep"):
+        attention_naive(Q, K, V, dropout_p=p)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_return_probs(causal):
+    Nq, Nk = 37, 21  # causal bottom-right: rows 0..15 see nothing
+    Q, K, V, _ = inputs(Nq, Nk)
+    O, LSE, P = attention_naive(Q, K, V, causal=causal, window_size=(8, -1), dtype=F64,
+                                return_probs=True)
+    torch.testing.assert_close(O, P @ V, **TOL)
+    assert bool((P[..., ~keep_mask(Nq, Nk, causal, window_size=(8, -1))] == 0).all())
+    sees = (LSE > float("-inf")).to(F64)
+    torch.testing.assert_close(P.sum(-1), sees, **TOL)
+    O32, LSE32, P32 = attention_naive(Q.float(), K.float(), V.float(), causal=causal,
+                                      return_probs=True)
+    assert (O32.dtype, LSE32.dtype, P32.dtype) == (torch.float32,) * 3
+    O16, _, P16 = attention_naive(Q.half(), K.half(), V.half(), return_probs=True)
+    assert (O16.dtype, P16.dtype) == (torch.float16, torch.float32)  # softmax in float32
+
+
+def test_user_mask_and_empty_rows():
+    Nq, Nk = 12, 10
+    Q, K, V, dO = inputs(Nq, Nk)
+    mask = torch.rand(B, 1, Nq, Nk) < 0.5  # broadcast over heads
+    mask[:, :, 3] = False  # row 3 sees nothing, whatever else
+    Qr, Kr, Vr = (t.clone().requires_grad_() for t in (Q, K, V))
+    O, LSE, P = attention_naive(Qr, Kr, Vr, causal=True, mask=mask, dtype=F64, return_probs=True)
+    both = mask & keep_mask(Nq, Nk, True)
+    O2, LSE2 = attention_naive(Q, K, V, mask=both, dtype=F64)
+    torch.testing.assert_close(O.detach(), O2, **TOL)
+    torch.testing.assert_close(LSE.detach(), LSE2, **TOL)
+    empty = ~both.any(-1).expand(B, H, Nq)  # rows 0, 1 (causal) and 3, and any unlucky one
+    assert bool(empty[:, :, 3].all())
+    assert bool((O[empty] == 0).all()) and bool((LSE[empty] == float("-inf")).all())
+    assert bool((P[empty] == 0).all()) and not bool(P.isnan().any())
+    grads = torch.autograd.grad(O, (Qr, Kr, Vr), dO)
+    assert all(bool(g.isfinite().all()) for g in grads)
+    assert bool((grads[0][empty] == 0).all())
+
+
+@pytest.mark.parametrize("case", ["window+softcap+alibi2+gqa", "mask+dropout+alibi+mqa"])
+def test_gradcheck_features(case):
+    Q, K, V, kw = feature_inputs(case, 4, 5, 2, 1 if "mqa" in case else 2)
+    Q, K, V = (t[:1, ..., :3].clone().requires_grad_() for t in (Q, K, V))  # B = 1, D = 3
+    kw = {n: (t[:1] if isinstance(t, torch.Tensor) and t.dim() > 1 else t) for n, t in kw.items()}
+
+    def f(Q, K, V):  # O only: a masked-out row's lse is -inf, which finite differences cannot take
+        return attention_naive(Q, K, V, 0.7, dtype=F64, **kw)[0]
+
+    assert torch.autograd.gradcheck(f, (Q, K, V), eps=1e-6, atol=1e-8, rtol=1e-6)

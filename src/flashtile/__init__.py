@@ -12,8 +12,9 @@ import torch
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
+from flashtile import masks  # noqa: E402
 from flashtile.interface import flash_attn_func, scaled_dot_product_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "flash_attn_func", "scaled_dot_product_attention"]
+__all__ = ["__version__", "flash_attn_func", "masks", "scaled_dot_product_attention"]

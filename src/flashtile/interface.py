@@ -7,28 +7,22 @@ becomes such a view by a transpose of strides, never a copy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 
+from flashtile import masks
 from flashtile.kernels.backward import attention_backward
+from flashtile.kernels.blockmap import block_lists
 from flashtile.kernels.configs import interpreting
 from flashtile.kernels.forward import attention_forward
+from flashtile.kernels.params import AttnOptions
+from flashtile.kernels.probs import attention_probs
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass(frozen=True)
-class AttnOptions:
-    """What the kernels need beyond the tensors. diag_offset: query i sees key j <= i + offset
-    when causal (seqlen_k - seqlen_q for FlashAttention's bottom-right, 0 for SDPA's top-left)."""
-
-    softmax_scale: float
-    causal: bool
-    diag_offset: int
 
 
 class _FlashAttnFunction(torch.autograd.Function):
@@ -59,14 +53,13 @@ def _forward(q, k, v, opts: AttnOptions):
         out = torch.zeros_like(q)
         lse = torch.full((batch, nheads, seqlen_q), float("-inf"), device=q.device)
         return out, lse
-    return attention_forward(q, k, v, opts.softmax_scale, opts.causal, opts.diag_offset)
+    return attention_forward(q, k, v, opts)
 
 
 def _backward(dout, q, k, v, out, lse, opts: AttnOptions):
     if _nothing_to_launch(q, k):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    return attention_backward(dout, q, k, v, out, lse, opts.softmax_scale, opts.causal,
-                              opts.diag_offset)
+    return attention_backward(dout, q, k, v, out, lse, opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,13 +112,9 @@ def _check_qkv(q, k, v, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
         raise ValueError(f"{nv} has {v.shape[2]} heads but {nk} has {k.shape[2]}; "
                          "they must match")
     nheads_k = k.shape[2]
-    if nheads_k != nheads:
-        if nheads_k > 0 and nheads % nheads_k == 0:
-            raise NotImplementedError(
-                f"{nk} and {nv} have {nheads_k} heads and {nq} has {nheads}: grouped-query "
-                "attention (fewer key/value heads) is not implemented yet")
+    if nheads_k == 0 or nheads % nheads_k != 0:
         raise ValueError(f"{nq} has {nheads} heads, which is not a multiple of {nk}'s "
-                         f"{nheads_k}")
+                         f"{nheads_k} (grouped-query attention needs nheads % nheads_k == 0)")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
 
@@ -140,10 +129,68 @@ def _softmax_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") ->
     return float(softmax_scale)
 
 
-def _not_implemented(name: str, value, default) -> None:
-    if value != default:
-        raise NotImplementedError(f"{name}={value!r} is not implemented yet in flashtile "
-                                  f"(only the default {default!r} is)")
+def _dropout_p(dropout_p, name: str = "dropout_p") -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def _window(window_size) -> tuple[int, int]:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"window_size {side} must be an int, got {type(w).__name__}")
+        if w < -1:
+            raise ValueError(f"window_size {side} must be >= 0, or -1 for no limit; got {w}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0 is off), got {softcap}")
+    return float(softcap)
+
+
+def _alibi(alibi_slopes, q: torch.Tensor) -> torch.Tensor | None:
+    if alibi_slopes is None:
+        return None
+    batch, nheads = q.shape[0], q.shape[2]
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got "
+                        f"{type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+    return alibi_slopes if alibi_slopes.stride(-1) == 1 else alibi_slopes.contiguous()
+
+
+def _with_mask(opts: AttnOptions, mask_mod, q: torch.Tensor, k: torch.Tensor) -> AttnOptions:
+    """The options with a mask predicate and its block lists for this shape."""
+    mask = masks.as_mask_mod(mask_mod)
+    batch, seqlen_q, nheads, _ = q.shape
+    if mask.data is not None and mask.data.device != q.device:
+        raise ValueError(f"mask_mod's data is on {mask.data.device} but q is on {q.device}")
+    if mask.check is not None:
+        mask.check(batch, seqlen_q, k.shape[1])
+    if _nothing_to_launch(q, k):
+        return dataclasses.replace(opts, mask_mod=mask)
+    lists = block_lists(mask, batch, nheads, seqlen_q, k.shape[1], opts, q.device)
+    return dataclasses.replace(opts, mask_mod=mask, lists=lists)
+
+
+def _dropout_seed() -> int:
+    """A Philox seed drawn from torch's default generator: torch.manual_seed makes dropout
+    reproducible. The CPU generator is used, so no device synchronization is needed."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,14 +211,20 @@ def flash_attn_func(
     return_attn_probs: bool = False,
     *,
     return_lse: bool = False,
+    mask_mod=None,
 ):
     """Exact attention, softmax(q kᵀ · softmax_scale) v, fused, in FlashAttention-2's layout.
 
     Arguments:
-        q: (batch, seqlen_q, nheads, headdim), float16, bfloat16 or float32.
-        k: (batch, seqlen_k, nheads_k, headdim), same dtype and device.
+        q: (batch, seqlen_q, nheads, headdim), float16, bfloat16 or float32; headdim <= 512.
+        k: (batch, seqlen_k, nheads_k, headdim), same dtype and device; nheads % nheads_k == 0
+            (grouped-query / multi-query attention: query head h uses key head
+            h // (nheads // nheads_k); its gradients are summed over the group).
         v: (batch, seqlen_k, nheads_k, headdim).
-        dropout_p: must be 0.0 (dropout is not implemented yet).
+        dropout_p: dropout probability on the attention probabilities, in [0, 1). Kept entries
+            are scaled by 1 / (1 - dropout_p). The random numbers come from a Philox seed drawn
+            from torch's generator, so torch.manual_seed makes a run reproducible; the
+            backward regenerates the same mask (none is stored).
         softmax_scale: scaling of q kᵀ before the softmax. Default 1 / sqrt(headdim).
         causal: causal mask, aligned to the bottom-right corner of the score matrix: query i
             sees key j when j <= i + seqlen_k - seqlen_q. For seqlen_q = 2, seqlen_k = 5:
@@ -184,33 +237,58 @@ def flash_attn_func(
                 1 0
                 1 1
             A row that sees no key gives zeros in out (and -inf in lse), never NaN.
-        window_size, softcap, alibi_slopes, return_attn_probs: only their defaults are
-            implemented yet; any other value raises NotImplementedError.
+        window_size: (left, right) sliding window, bottom-right aligned as causal: query i
+            sees keys j with i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q +
+            right; -1 leaves that side unlimited. With causal=True, right is 0. Key blocks
+            outside every row's window are skipped, so the cost grows with the window.
+        softcap: if > 0, scores become softcap · tanh(scores / softcap) before the softmax.
+        alibi_slopes: (nheads,) or (batch, nheads) float32; adds
+            -slope · |i + seqlen_k - seqlen_q - j| to the scaled scores (after the softcap).
         deterministic: accepted for compatibility; flashtile's backward is always
             deterministic (no atomics), so repeated backward passes are bitwise equal.
+        return_attn_probs: also return lse and the probabilities the forward used,
+            (batch, nheads, seqlen_q, seqlen_k) float32: zero where masked or dropped, kept
+            entries scaled by 1 / (1 - dropout_p), so that out = probs @ v. This writes an
+            N×N matrix: for tests and visualization at small sizes. No gradient flows through
+            probs.
         return_lse: also return the log-sum-exp of each row of scaled scores.
+        mask_mod: a mask predicate (flashtile.masks): a @triton.jit function
+            (b, h, q_idx, kv_idx) -> keep, or a masks.MaskMod with the data it reads, such as
+            masks.document(doc_ids). ANDed with causal and window_size. A block map of it is
+            built once per mask and shape and cached on the mask; tiles it leaves empty are
+            skipped, so sparse masks run faster in proportion.
 
     Returns:
         out: (batch, seqlen_q, nheads, headdim), the dtype of q.
-        lse (with return_lse=True): (batch, nheads, seqlen_q) float32, natural log:
-            lse[b, h, i] = log Σ_j exp(softmax_scale · q_i · k_j) over the keys row i sees.
+        lse (with return_lse=True or return_attn_probs=True): (batch, nheads, seqlen_q)
+            float32, natural log: lse[b, h, i] = log Σ_j exp(s_ij) over the keys row i sees,
+            s the scores after scale, softcap and ALiBi (dropout does not enter it).
+        probs (with return_attn_probs=True): as described above.
     """
     _check_tensors(("q", "k", "v"), (q, k, v), 4, "(batch, seqlen, nheads, headdim)")
     _check_qkv(q, k, v)
-    _not_implemented("dropout_p", dropout_p, 0.0)
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
-    _not_implemented("window_size", tuple(window_size), (-1, -1))
-    _not_implemented("softcap", softcap, 0.0)
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes is not implemented yet in flashtile")
-    _not_implemented("return_attn_probs", return_attn_probs, False)
+    dropout_p = _dropout_p(dropout_p)
+    window_left, window_right = _window(window_size)
+    if causal:
+        window_right = 0
     opts = AttnOptions(
         softmax_scale=_softmax_scale(softmax_scale, q.shape[-1]),
-        causal=bool(causal),
         diag_offset=k.shape[1] - q.shape[1],
+        window_left=window_left,
+        window_right=window_right,
+        softcap=_softcap(softcap),
+        alibi_slopes=_alibi(alibi_slopes, q),
+        dropout_p=dropout_p,
+        seed=_dropout_seed() if dropout_p > 0 else 0,
     )
+    if mask_mod is not None:
+        opts = _with_mask(opts, mask_mod, q, k)
     out, lse = _FlashAttnFunction.apply(q, k, v, opts)
+    if return_attn_probs:
+        probs = (attention_probs(q.detach(), k.detach(), lse, opts)
+                 if not _nothing_to_launch(q, k) else
+                 torch.zeros(q.shape[0], q.shape[2], q.shape[1], k.shape[1], device=q.device))
+        return out, lse, probs
     return (out, lse) if return_lse else out
 
 
@@ -229,20 +307,19 @@ def _fall_back(reason: str, query, key, value, attn_mask, dropout_p, is_causal, 
         scale=scale, **kwargs)
 
 
-def _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa) -> str | None:
+def _sdpa_unsupported(query, key, value, attn_mask, enable_gqa) -> str | None:
     """Why flashtile's kernels cannot take this SDPA call, or None if they can."""
     if attn_mask is not None:
         return "attn_mask is not supported by flashtile's kernels yet"
-    if dropout_p != 0.0:
-        return "dropout_p > 0 is not supported by flashtile's kernels yet"
     tensors = (query, key, value)
     if any(t.dim() not in (3, 4) for t in tensors) or len({t.dim() for t in tensors}) != 1:
         return "inputs that are not all 3-D or all 4-D are not supported by flashtile's kernels"
     if query.dim() == 4 and (key.shape[1] != query.shape[1] or value.shape[1] != query.shape[1]):
-        # torch broadcasts one key/value head, and with enable_gqa shares heads in groups
-        if enable_gqa:
-            return "enable_gqa (fewer key/value heads than query heads) is not supported yet"
-        return "key and value with other head counts than query are not supported by flashtile"
+        # with enable_gqa torch shares key/value heads in groups, as the kernels do
+        if not (enable_gqa and key.shape[1] == value.shape[1] and key.shape[1] > 0
+                and query.shape[1] % key.shape[1] == 0):
+            return ("key and value with other head counts than query (without enable_gqa and "
+                    "nheads % nheads_k == 0) are not supported by flashtile")
     if value.shape[-1] != query.shape[-1] and key.shape[-1] == query.shape[-1]:
         return "a value head dim different from the query's is not supported by flashtile"
     if query.shape[-1] > MAX_HEAD_DIM:
@@ -267,14 +344,16 @@ def scaled_dot_product_attention(
     query: (batch, heads, L, E); key, value: (batch, heads, S, E); 3-D inputs (batch, L, E)
     work too. As in torch, `is_causal` aligns the mask to the top-left corner: query i sees
     key j when j <= i. The kernels read these tensors through their strides (no copies).
-    Arguments the kernels do not handle yet (attn_mask, dropout_p > 0, grouped-query heads)
-    are passed to torch's own function, with a warning, once per argument, that names them.
+    enable_gqa=True shares key/value heads in groups (query heads % key heads == 0), and
+    dropout_p > 0 drops attention probabilities with flashtile's Philox dropout (seeded from
+    torch's generator). What the kernels do not handle (attn_mask, a value head dim different
+    from the query's) is passed to torch's own function, with a warning, once per reason.
     """
     names = ("query", "key", "value")
     for name, t in zip(names, (query, key, value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, enable_gqa)
+    reason = _sdpa_unsupported(query, key, value, attn_mask, enable_gqa)
     if reason is not None:
         return _fall_back(reason, query, key, value, attn_mask, dropout_p, is_causal, scale,
                           enable_gqa)
@@ -284,10 +363,13 @@ def scaled_dot_product_attention(
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, N, H, E) views
     _check_qkv(q, k, v, names)
+    dropout_p = _dropout_p(dropout_p)
     opts = AttnOptions(
         softmax_scale=_softmax_scale(scale, q.shape[-1], "scale"),
-        causal=bool(is_causal),
         diag_offset=0,
+        window_right=0 if is_causal else -1,
+        dropout_p=dropout_p,
+        seed=_dropout_seed() if dropout_p > 0 else 0,
     )
     out, _ = _FlashAttnFunction.apply(q, k, v, opts)
     out = out.transpose(1, 2)  # (B, H, L, E)

@@ -35,12 +35,17 @@ def random_qkv(
     dtype: torch.dtype,
     dev: torch.device | str | None = None,
     requires_grad: bool = True,
+    *,
+    nheads_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fresh standard-normal q (B, Nq, H, D), k, v (B, Nk, H, D), the FlashAttention layout."""
+    """Fresh standard-normal q (B, Nq, H, D), k, v (B, Nk, H_k, D), the FlashAttention layout.
+
+    nheads_k: key/value heads (grouped-query attention); default nheads."""
     dev = device() if dev is None else dev
+    nheads_k = nheads if nheads_k is None else nheads_k
     q = torch.randn(batch, seqlen_q, nheads, head_dim, device=dev, dtype=dtype)
-    k = torch.randn(batch, seqlen_k, nheads, head_dim, device=dev, dtype=dtype)
-    v = torch.randn(batch, seqlen_k, nheads, head_dim, device=dev, dtype=dtype)
+    k = torch.randn(batch, seqlen_k, nheads_k, head_dim, device=dev, dtype=dtype)
+    v = torch.randn(batch, seqlen_k, nheads_k, head_dim, device=dev, dtype=dtype)
     return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
 
 
@@ -52,28 +57,35 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Reference:
     """Float64 reference and same-dtype baseline of out, lse and the gradients, in the
-    FlashAttention layout (B, N, H, D); lse (B, H, Nq)."""
+    FlashAttention layout (B, N, H, D); lse (B, H, Nq); with return_probs, probs (B, H, Nq, Nk),
+    the probabilities after dropout (P_drop, out = P_drop v)."""
 
     out: torch.Tensor
     lse: torch.Tensor
     dq: torch.Tensor | None
     dk: torch.Tensor | None
     dv: torch.Tensor | None
+    probs: torch.Tensor | None = None
 
 
 def reference_attention(q, k, v, dout=None, *, softmax_scale=None, causal=False,
-                        diag_offset=None, dtype=None) -> Reference:
-    """attention_naive on (B, N, H, D) inputs, with gradients for dout if given.
+                        diag_offset=None, dtype=None, **features) -> Reference:
+    """attention_naive on (B, N, H, D) inputs (k, v may have fewer heads), with gradients for
+    dout if given.
 
-    dtype=torch.float64 gives the reference; dtype=None the same-dtype baseline."""
+    dtype=torch.float64 gives the reference; dtype=None the same-dtype baseline. `features` are
+    attention_naive's keywords (window_size, softcap, alibi_slopes, mask, dropout_p,
+    dropout_keep, return_probs), each tensor in attention_naive's own shape: mask and
+    dropout_keep (B, H, Nq, Nk) or broadcastable, alibi_slopes (H,) or (B, H)."""
     Q, K, V = (t.detach().transpose(1, 2).requires_grad_(dout is not None) for t in (q, k, v))
-    O, LSE = attention_naive(Q, K, V, softmax_scale=softmax_scale, causal=causal,
-                             diag_offset=diag_offset, dtype=dtype)
+    O, LSE, *probs = attention_naive(Q, K, V, softmax_scale=softmax_scale, causal=causal,
+                                     diag_offset=diag_offset, dtype=dtype, **features)
     grads: tuple = (None, None, None)
     if dout is not None:
         grads = torch.autograd.grad(O, (Q, K, V), dout.transpose(1, 2).to(O.dtype))
         grads = tuple(g.transpose(1, 2) for g in grads)
-    return Reference(O.detach().transpose(1, 2), LSE.detach(), *grads)
+    P = probs[0].detach() if probs else None
+    return Reference(O.detach().transpose(1, 2), LSE.detach(), *grads, probs=P)
 
 
 FLOOR = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 1e-5}

@@ -1,22 +1,24 @@
 """Fused attention backward: P recomputed block by block from LSE, no N×N matrix stored.
 
-With S = softmax_scale · Q Kᵀ, P = softmax(S), O = P V (docs/derivation.md §3–§5):
+With s the modified scores (docs/derivation.md §3–§5, §15), P = softmax(s), z the dropout keep
+mask (all ones without dropout), O = (P ∘ z / (1 - dropout_p)) V:
 
     Delta = rowsum(dO ∘ O)                    (= rowsum(P ∘ dP))      _attn_bwd_preprocess
-    p     = exp2(qk · qk_scale − LSE · log2 e)                         recomputed in both passes
-    dV    = Pᵀ dO
-    dP    = dO Vᵀ
-    dS    = P ∘ (dP − Delta)
+    p     = exp2(s - LSE · log2 e)                                     recomputed in both passes
+    dV    = (p ∘ z / (1 - dropout_p))ᵀ dO
+    dP    = (dO Vᵀ) ∘ z / (1 - dropout_p)
+    dS    = P ∘ (dP − Delta) ∘ softcap'                               (softcap' = 1 − tanh²)
     dK    = scale · dSᵀ Q                                              _attn_bwd_dkdv
     dQ    = scale · dS K                                               _attn_bwd_dq
 
-Two passes, each the sole writer of its output: one program per key block accumulates dK, dV
-over the query blocks that see it; one program per query block accumulates dQ over the key
-blocks it sees. No atomics, so repeated runs are bitwise equal; the price is recomputing
-q kᵀ and dO vᵀ once more (7 block matmuls instead of 5).
+Two passes, each the sole writer of its output: one program per key block and key/value head
+accumulates dK, dV over the query blocks that see it, for every query head of its group
+(grouped-query attention sums the group's gradients in registers); one program per query block
+accumulates dQ over the key blocks it sees. No atomics, so repeated runs are bitwise equal; the
+price is recomputing q kᵀ and dO vᵀ once more (7 block matmuls instead of 5).
 
 Grids: preprocess and dq (cdiv(seqlen_q, BLOCK_M), batch * nheads);
-       dkdv (cdiv(seqlen_k, BLOCK_N), batch * nheads).
+       dkdv (cdiv(seqlen_k, BLOCK_N), batch * nheads_k).
 """
 
 import torch
@@ -25,16 +27,19 @@ import triton.language as tl
 
 from flashtile.kernels import configs
 from flashtile.kernels.common import (
-    key_ranges,
+    apply_mask_mod,
+    block_ranges,
+    block_start,
+    dropout_keep,
+    list_length,
     load_rows,
     load_tile,
     query_block_start,
-    query_ranges,
     row_source,
+    scores_log2,
     visible,
 )
-
-LOG2E = tl.constexpr(1.4426950408889634)
+from flashtile.kernels.params import LOG2E, AttnOptions
 
 
 @triton.jit
@@ -62,7 +67,7 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _load_lse2(LSE_block, offs_m, seqlen_q, CHECK: tl.constexpr):
     """LSE in log2 units; rows that saw nothing (LSE = -inf) and rows past the end get +inf, so
-    that their recomputed p = exp2(qk - inf) is exactly 0."""
+    that their recomputed p = exp2(s - inf) is exactly 0."""
     if CHECK:
         lse = tl.load(LSE_block + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
     else:
@@ -75,13 +80,22 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     Q_src, dO_src, LSE_block, Delta_block,
     stride_qm, stride_qd, stride_dom, stride_dod,
-    offs_n, offs_d, start_m_lo, start_m_hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
+    offs_n, offs_d, block_lo, block_hi, List, off_b, off_h, MaskData, mask_data_stride,
+    seqlen_q, seqlen_k,
+    diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
+    dropout_p, dropout_scale, seed, rng_base,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, MAP_BLOCK_M: tl.constexpr,
+    SPARSE: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """Query blocks block_lo .. block_hi - 1 (BLOCK_M units), or with SPARSE those of a mask's
+    block list `List`; MASKED applies the visibility mask (and the mask predicate)."""
     offs_m0 = tl.arange(0, BLOCK_M)
-    for start_m in tl.range(start_m_lo, start_m_hi, BLOCK_M):
+    for j in tl.range(block_lo, block_hi):
+        start_m = block_start(j, List, BLOCK_M, MAP_BLOCK_M, SPARSE)
         offs_m = start_m + offs_m0
         # q, do: (BLOCK_M, HEAD_DIM_PAD)
         q = load_rows(Q_src, start_m, offs_m, offs_d, stride_qm, stride_qd, seqlen_q,
@@ -94,85 +108,160 @@ def _attn_bwd_dkdv_inner(
             delta = tl.load(Delta_block + offs_m, mask=offs_m < seqlen_q, other=0.0)
         else:
             delta = tl.load(Delta_block + offs_m)
-        # -- recompute pT = exp2(qkT - lse2): (BLOCK_N, BLOCK_M) --
-        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
-        pT = tl.math.exp2(qkT - lse2[None, :])
+        # -- recompute pT = exp2(sT - lse2): (BLOCK_N, BLOCK_M) --
+        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
+        sT, dscaleT = scores_log2(qkT, offs_m[None, :], offs_n[:, None], diag_offset, qk_scale,
+                                  softcap_scale, softcap_log2, slope2, SOFTCAP, HAS_ALIBI)
+        pT = tl.math.exp2(sT - lse2[None, :])
         if MASKED:
             keep = visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag_offset,
-                           IS_CAUSAL)
+                           window_left, window_right, LOCAL_LEFT, LOCAL_RIGHT)
+            if MASK_MOD is not None:
+                keep = apply_mask_mod(keep, off_b, off_h, offs_m[None, :], offs_n[:, None],
+                                      MaskData, mask_data_stride, MASK_MOD, MASK_DATA)
             pT = tl.where(keep, pT, 0.0)
-        # -- dV += pᵀ dO --
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        # -- dpT = (dO Vᵀ)ᵀ; dsT = pT ∘ (dpT − Delta); dK += dsᵀ q --
+        # -- dpT = (dO Vᵀ)ᵀ --
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            zT = dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], seqlen_k,
+                              dropout_p)
+            # -- dV += (p ∘ z / (1 - dropout_p))ᵀ dO; dP = dP_drop ∘ z / (1 - dropout_p) --
+            dv = tl.dot(tl.where(zT, pT * dropout_scale, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+            dpT = tl.where(zT, dpT * dropout_scale, 0.0)
+        else:
+            # -- dV += pᵀ dO --
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        # -- dsT = pT ∘ (dpT − Delta) ∘ softcap'; dK += dsᵀ q --
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * dscaleT
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, dO, LSE, Delta, dK, dV,
+    Q, K, V, dO, LSE, Delta, dK, dV, Alibi, QLists, MaskData,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-    stride_lb, stride_lh,
-    nheads, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
-    seqlen_bucket,  # autotuning key only (configs.seqlen_bucket)
+    stride_lb, stride_lh, stride_ab,
+    stride_mapb, stride_maph, stride_mapr, stride_mapk, mask_data_stride,
+    nheads, group, seqlen_q, seqlen_k,
+    diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+    dropout_p, dropout_scale, seed,
+    seqlen_bucket, softmax_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr,
+    MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Causal: key block 0 is seen by the most query rows, so the natural order is heaviest-first.
     start_n = tl.program_id(0) * BLOCK_N
-    off_b = (tl.program_id(1) // nheads).to(tl.int64)
-    off_h = (tl.program_id(1) % nheads).to(tl.int64)
+    nheads_k = nheads // group
+    off_b = (tl.program_id(1) // nheads_k).to(tl.int64)
+    off_hk = (tl.program_id(1) % nheads_k).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
-    k = load_tile(K + off_b * stride_kb + off_h * stride_kh, offs_n, offs_d, stride_kn, stride_kd,
-                  seqlen_k, HEAD_DIM, CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
-    v = load_tile(V + off_b * stride_vb + off_h * stride_vh, offs_n, offs_d, stride_vn, stride_vd,
-                  seqlen_k, HEAD_DIM, CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
+    k = load_tile(K + off_b * stride_kb + off_hk * stride_kh, offs_n, offs_d, stride_kn,
+                  stride_kd, seqlen_k, HEAD_DIM, CHECK_ROWS=True,
+                  CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
+    v = load_tile(V + off_b * stride_vb + off_hk * stride_vh, offs_n, offs_d, stride_vn,
+                  stride_vd, seqlen_k, HEAD_DIM, CHECK_ROWS=True,
+                  CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
 
-    Q_src = row_source(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
-                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
-    dO_src = row_source(dO + off_b * stride_dob + off_h * stride_doh, seqlen_q, stride_dom,
-                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
-    LSE_block = LSE + off_b * stride_lb + off_h * stride_lh
-    Delta_block = Delta + off_b * stride_lb + off_h * stride_lh
-
-    # -- query ranges: masked diagonal [lo, m_mid), unmasked [m_mid, m_even_end), ragged end --
-    lo, m_mid, m_even_end = query_ranges(start_n, seqlen_q, diag_offset, BLOCK_M, BLOCK_N,
-                                         IS_CAUSAL)
-    dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
-        stride_qm, stride_qd, stride_dom, stride_dod,
-        offs_n, offs_d, lo, m_mid, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION, USE_TMA)
-    dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
-        stride_qm, stride_qd, stride_dom, stride_dod,
-        offs_n, offs_d, tl.maximum(m_mid, lo), m_even_end, seqlen_q, seqlen_k, diag_offset,
-        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, False, DOT_PRECISION, USE_TMA)
-    dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
-        stride_qm, stride_qd, stride_dom, stride_dod,
-        offs_n, offs_d, tl.maximum(m_even_end, lo), seqlen_q, seqlen_q, seqlen_k, diag_offset,
-        qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, IS_CAUSAL, True, DOT_PRECISION, USE_TMA)
+    # -- the query heads that share this key/value head, gradients summed --
+    for off_g in range(0, group):
+        off_h = off_hk * group + off_g
+        Q_src = row_source(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
+                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
+        dO_src = row_source(dO + off_b * stride_dob + off_h * stride_doh, seqlen_q, stride_dom,
+                            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
+        LSE_block = LSE + off_b * stride_lb + off_h * stride_lh
+        Delta_block = Delta + off_b * stride_lb + off_h * stride_lh
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
+        rng_base = (off_b * nheads + off_h) * seqlen_q * seqlen_k
+        if MASK_MOD is not None:
+            # -- a mask predicate: the query blocks its block map lists, full then partial --
+            FullList = (QLists + off_b * stride_mapb + off_h * stride_maph
+                        + (start_n // MAP_BLOCK_N) * stride_mapr)
+            PartList = FullList + stride_mapk
+            n_full = list_length(FullList, BLOCK_M, MAP_BLOCK_M)
+            n_part = list_length(PartList, BLOCK_M, MAP_BLOCK_M)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                offs_n, offs_d, 0, n_full, FullList, off_b, off_h, MaskData, mask_data_stride,
+                seqlen_q, seqlen_k,
+                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                slope2, dropout_p, dropout_scale, seed, rng_base,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, True, False, DOT_PRECISION,
+                USE_TMA)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                offs_n, offs_d, 0, n_part, PartList, off_b, off_h, MaskData, mask_data_stride,
+                seqlen_q, seqlen_k,
+                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                slope2, dropout_p, dropout_scale, seed, rng_base,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, True, True, DOT_PRECISION,
+                USE_TMA)
+        else:
+            # -- query blocks: masked [a, b), unmasked [b, c), masked [c, hi) --
+            a, b, c, hi = block_ranges(start_n, seqlen_q, -diag_offset, window_right,
+                                       window_left, BLOCK_N, BLOCK_M, LOCAL_RIGHT, LOCAL_LEFT)
+            ja, jb, jc, jhi = a // BLOCK_M, b // BLOCK_M, c // BLOCK_M, tl.cdiv(hi, BLOCK_M)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                offs_n, offs_d, ja, jb, QLists, off_b, off_h, MaskData, mask_data_stride,
+                seqlen_q, seqlen_k,
+                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                slope2, dropout_p, dropout_scale, seed, rng_base,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, True, DOT_PRECISION,
+                USE_TMA)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                offs_n, offs_d, jb, jc, QLists, off_b, off_h, MaskData, mask_data_stride,
+                seqlen_q, seqlen_k,
+                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                slope2, dropout_p, dropout_scale, seed, rng_base,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, False, DOT_PRECISION,
+                USE_TMA)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                offs_n, offs_d, jc, jhi, QLists, off_b, off_h, MaskData, mask_data_stride,
+                seqlen_q, seqlen_k,
+                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                slope2, dropout_p, dropout_scale, seed, rng_base,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, True, DOT_PRECISION,
+                USE_TMA)
 
     dk = dk * softmax_scale
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = (dK + off_b * stride_dkb + off_h * stride_dkh
+    dk_ptrs = (dK + off_b * stride_dkb + off_hk * stride_dkh
                + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
     tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=mask)
-    dv_ptrs = (dV + off_b * stride_dvb + off_h * stride_dvh
+    dv_ptrs = (dV + off_b * stride_dvb + off_hk * stride_dvh
                + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd)
     tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=mask)
 
@@ -181,52 +270,79 @@ def _attn_bwd_dkdv(
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
     K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, start_n_lo, start_n_hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
+    offs_m, offs_d, block_lo, block_hi, List, off_b, off_h, MaskData, mask_data_stride,
+    seqlen_q, seqlen_k,
+    diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
+    dropout_p, dropout_scale, seed, rng_base,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
+    SPARSE: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """Key blocks as in the forward's loop (_attn_fwd_inner)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start_n_lo, start_n_hi, BLOCK_N):
+    for j in tl.range(block_lo, block_hi):
+        start_n = block_start(j, List, BLOCK_N, MAP_BLOCK_N, SPARSE)
         offs_n = start_n + offs_n0
         # k, v: (BLOCK_N, HEAD_DIM_PAD)
         k = load_rows(K_src, start_n, offs_n, offs_d, stride_kn, stride_kd, seqlen_k,
                       HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
         v = load_rows(V_src, start_n, offs_n, offs_d, stride_vn, stride_vd, seqlen_k,
                       HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
-        # -- recompute p = exp2(qk - lse2): (BLOCK_M, BLOCK_N) --
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(qk - lse2[:, None])
+        # -- recompute p = exp2(s - lse2): (BLOCK_M, BLOCK_N) --
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, dscale = scores_log2(qk, offs_m[:, None], offs_n[None, :], diag_offset, qk_scale,
+                                softcap_scale, softcap_log2, slope2, SOFTCAP, HAS_ALIBI)
+        p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             keep = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag_offset,
-                           IS_CAUSAL)
+                           window_left, window_right, LOCAL_LEFT, LOCAL_RIGHT)
+            if MASK_MOD is not None:
+                keep = apply_mask_mod(keep, off_b, off_h, offs_m[:, None], offs_n[None, :],
+                                      MaskData, mask_data_stride, MASK_MOD, MASK_DATA)
             p = tl.where(keep, p, 0.0)
-        # -- dp = dO vᵀ; ds = p ∘ (dp − Delta); dQ += ds k --
+        # -- dp = dO vᵀ (∘ z / (1 - dropout_p)); ds = p ∘ (dp − Delta) ∘ softcap'; dQ += ds k --
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            z = dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], seqlen_k,
+                             dropout_p)
+            dp = tl.where(z, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * dscale
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, dO, LSE, Delta, dQ,
+    Q, K, V, dO, LSE, Delta, dQ, Alibi, KvLists, MaskData,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
-    stride_lb, stride_lh,
-    nheads, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
-    seqlen_bucket,  # autotuning key only (configs.seqlen_bucket)
+    stride_lb, stride_lh, stride_ab,
+    stride_mapb, stride_maph, stride_mapr, stride_mapk, mask_data_stride,
+    nheads, group, seqlen_q, seqlen_k,
+    diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+    dropout_p, dropout_scale, seed,
+    seqlen_bucket, softmax_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr,
+    MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    start_m = query_block_start(BLOCK_M, IS_CAUSAL)
-    off_b = (tl.program_id(1) // nheads).to(tl.int64)
-    off_h = (tl.program_id(1) % nheads).to(tl.int64)
+    start_m = query_block_start(BLOCK_M, LOCAL_RIGHT)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // nheads).to(tl.int64)
+    off_h = (off_bh % nheads).to(tl.int64)
+    off_hk = off_h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
@@ -239,21 +355,67 @@ def _attn_bwd_dq(
     delta = tl.load(Delta + off_b * stride_lb + off_h * stride_lh + offs_m,
                     mask=offs_m < seqlen_q, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
+    rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
 
-    K_src = row_source(K + off_b * stride_kb + off_h * stride_kh, seqlen_k, stride_kn,
+    K_src = row_source(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    V_src = row_source(V + off_b * stride_vb + off_h * stride_vh, seqlen_k, stride_vn,
+    V_src = row_source(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    # -- key ranges as in the forward: unmasked, masked (diagonal and ragged end), skipped --
-    n_full_end, hi = key_ranges(start_m, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, 0, n_full_end, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION, USE_TMA)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, n_full_end, hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION, USE_TMA)
+    if MASK_MOD is not None:
+        # -- a mask predicate: the key blocks its block map lists, full then partial --
+        FullList = (KvLists + off_b * stride_mapb + off_h * stride_maph
+                    + (start_m // MAP_BLOCK_M) * stride_mapr)
+        PartList = FullList + stride_mapk
+        n_full = list_length(FullList, BLOCK_N, MAP_BLOCK_N)
+        n_part = list_length(PartList, BLOCK_N, MAP_BLOCK_N)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, 0, n_full, FullList, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
+            dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
+            MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, False, DOT_PRECISION, USE_TMA)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, 0, n_part, PartList, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
+            dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
+            MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, True, DOT_PRECISION, USE_TMA)
+    else:
+        # -- key blocks as in the forward: masked [a, b), unmasked [b, c), masked [c, hi) --
+        a, b, c, hi = block_ranges(start_m, seqlen_k, diag_offset, window_left, window_right,
+                                   BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
+        ja, jb, jc, jhi = a // BLOCK_N, b // BLOCK_N, c // BLOCK_N, tl.cdiv(hi, BLOCK_N)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, ja, jb, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
+            dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
+            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, True, DOT_PRECISION, USE_TMA)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, jb, jc, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
+            dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
+            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, False, DOT_PRECISION, USE_TMA)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, jc, jhi, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
+            dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
+            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, True, DOT_PRECISION, USE_TMA)
 
     dq = dq * softmax_scale
     dq_ptrs = (dQ + off_b * stride_dqb + off_h * stride_dqh
@@ -262,42 +424,48 @@ def _attn_bwd_dq(
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
-
 _attn_bwd_dkdv_tunable = configs.Tunable("bwd_dkdv", _attn_bwd_dkdv)
 _attn_bwd_dq_tunable = configs.Tunable("bwd_dq", _attn_bwd_dq)
 
 
-def attention_backward(do, q, k, v, out, lse, softmax_scale: float, causal: bool,
-                       diag_offset: int):
+def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     """Launch the backward: Delta, then dK and dV, then dQ. Layouts as attention_forward.
 
-    Returns dq, dk, dv in the inputs' dtypes and memory layouts.
+    Returns dq, dk, dv in the inputs' dtypes and memory layouts (dk, dv with k's heads).
     """
     batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k = k.shape[1]
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
+    alibi, stride_ab = opts.alibi(lse)
+    q_lists, mask_data, *q_list_strides = opts.mask_args("q", lse)
+    kv_lists, _, *kv_list_strides = opts.mask_args("kv", lse)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim))
-    per_kernel = dict(IS_CAUSAL=causal, DOT_PRECISION=configs.dot_precision(q.dtype),
-                      USE_TMA=configs.use_tma("backward", q, k, v, do), **common)
-    scalars = (nheads, seqlen_q, seqlen_k, diag_offset, softmax_scale * 1.4426950408889634,
-               softmax_scale, configs.seqlen_bucket(seqlen_q, seqlen_k))
+    per_kernel = dict(DOT_PRECISION=configs.dot_precision(q.dtype),
+                      USE_TMA=configs.use_tma("backward", q, k, v, do), **opts.flags(),
+                      **opts.mask_flags(), **common)
+    scalars = (nheads, nheads // nheads_k, seqlen_q, seqlen_k, *opts.scalars(),
+               configs.seqlen_bucket(seqlen_q, seqlen_k), opts.softmax_scale)
 
     grid = (triton.cdiv(seqlen_q, configs.PREPROCESS_BLOCK_M), batch * nheads)
     _attn_bwd_preprocess[grid](
         out, do, delta, *out.stride(), *do.stride(), lse.stride(0), lse.stride(1),
         nheads, seqlen_q, BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
     )
-    kernel, launch = _attn_bwd_dkdv_tunable.select()
-    kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads)](
-        q, k, v, do, lse, delta, dk, dv,
+    kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
+                                              per_kernel["DOT_PRECISION"])
+    kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k)](
+        q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        lse.stride(0), lse.stride(1), *scalars, **per_kernel, **launch,
+        lse.stride(0), lse.stride(1), stride_ab, *q_list_strides, *scalars, **per_kernel,
+        **launch,
     )
-    kernel, launch = _attn_bwd_dq_tunable.select()
+    kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
+                                            per_kernel["DOT_PRECISION"])
     kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)](
-        q, k, v, do, lse, delta, dq,
+        q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        lse.stride(0), lse.stride(1), *scalars, **per_kernel, **launch,
+        lse.stride(0), lse.stride(1), stride_ab, *kv_list_strides, *scalars, **per_kernel,
+        **launch,
     )
     return dq, dk, dv

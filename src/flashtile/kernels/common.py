@@ -1,10 +1,14 @@
-"""Pieces shared by the forward and backward kernels: tile loads and the visibility mask.
+"""Pieces shared by every kernel: tile loads, the score modifications, the visibility mask,
+the dropout mask, and which blocks a program visits.
 
-`visible` is the single definition of which (query, key) pairs take part; the forward and both
-backward passes call it, so the three cannot disagree. It mirrors `reference.keep_mask`:
-query row i sees key column j when i < seqlen_q, j < seqlen_k and, if causal,
-j <= i + diag_offset. Its index arguments come already broadcast ((M, 1) and (1, N), or the
-transpose), so the same function serves the forward's qk tile and the backward's qkᵀ tile.
+Each is defined once and called by the forward, both backward passes and the probabilities
+kernel, so they cannot disagree. They mirror `reference.py`: scores are
+S = softcap(scale · q kᵀ) + ALiBi bias, then masked (bounds, causal/sliding window), softmax,
+dropout. Index arguments come already broadcast ((M, 1) and (1, N), or the transpose), so the
+same function serves the forward's qk tile and the backward's qkᵀ tile.
+
+Every modification is behind a compile-time flag (LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+DROPOUT): switched off, it is not in the compiled kernel.
 """
 
 import triton
@@ -29,12 +33,53 @@ def load_tile(base, offs_r, offs_c, stride_r, stride_c, n_rows, n_cols,
 
 
 @triton.jit
-def visible(offs_m, offs_n, seqlen_q, seqlen_k, diag_offset, IS_CAUSAL: tl.constexpr):
-    """Bool tile, broadcast of offs_m and offs_n: query offs_m may attend to key offs_n."""
+def visible(offs_m, offs_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+            LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr):
+    """Bool tile, broadcast of offs_m and offs_n: query offs_m may attend to key offs_n.
+
+    With diag = offs_m + diag_offset: keys up to diag + window_right (LOCAL_RIGHT; causal is
+    window_right = 0) and from diag - window_left on (LOCAL_LEFT)."""
     keep = (offs_m < seqlen_q) & (offs_n < seqlen_k)
-    if IS_CAUSAL:
-        keep = keep & (offs_n <= offs_m + diag_offset)
+    if LOCAL_RIGHT:
+        keep = keep & (offs_n <= offs_m + diag_offset + window_right)
+    if LOCAL_LEFT:
+        keep = keep & (offs_n >= offs_m + diag_offset - window_left)
     return keep
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp2 (exact to a few float32 roundoffs; saturates to ±1 without NaN)."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def scores_log2(qk, offs_m, offs_n, diag_offset, qk_scale, softcap_scale, softcap_log2, slope2,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Scores in log2 units from raw q·k tiles: s = log2(e) · (softcap(scale · qk) + bias),
+    and dscale = d softcap(x) / dx at x = scale · qk (1 without a softcap), for the backward.
+
+    softcap(x) = c · tanh(x / c): softcap_scale = scale / c, softcap_log2 = c · log2(e).
+    ALiBi bias = -slope · |i + diag_offset - j|; slope2 = slope · log2(e)."""
+    if SOFTCAP:
+        t = tanh(qk * softcap_scale)
+        s = t * softcap_log2
+        dscale = 1.0 - t * t
+    else:
+        s = qk * qk_scale
+        dscale = 1.0
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(offs_m + diag_offset - offs_n).to(tl.float32)
+    return s, dscale
+
+
+@triton.jit
+def dropout_keep(seed, rng_base, offs_m, offs_n, seqlen_k, dropout_p):
+    """Bool tile: entry (offs_m, offs_n) survives dropout. Philox counter = the entry's flat
+    index in this head's (seqlen_q, seqlen_k) matrix plus rng_base (the head's start), so the
+    forward, both backward passes and the probabilities kernel draw the same numbers."""
+    offsets = rng_base + offs_m.to(tl.int64) * seqlen_k + offs_n
+    return tl.rand(seed, offsets) >= dropout_p
 
 
 @triton.jit
@@ -65,10 +110,10 @@ def load_rows(src, start, offs_r, offs_d, stride_r, stride_d, n_rows,
 
 
 @triton.jit
-def query_block_start(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """First query row of this program. Causal grids run the query blocks with the most keys to
-    see first (the last ones), which shortens the tail of the launch."""
-    if IS_CAUSAL:
+def query_block_start(BLOCK_M: tl.constexpr, LOCAL_RIGHT: tl.constexpr):
+    """First query row of this program. When later rows see more keys (causal), the grid runs
+    the query blocks with the most keys first (the last ones), which shortens the launch's tail."""
+    if LOCAL_RIGHT:
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     else:
         start_m = tl.program_id(0) * BLOCK_M
@@ -76,36 +121,64 @@ def query_block_start(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def key_ranges(start_m, seqlen_k, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_CAUSAL: tl.constexpr):
-    """For the query block at start_m, the key blocks [0, n_full_end) that need no mask and
-    [n_full_end, hi) that do (the causal diagonal and the ragged end); keys from hi on are seen by
-    no row of the block and are skipped."""
-    n_even_end = (seqlen_k // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        # keys j <= start_m + diag_offset are seen by every row of the block
-        n_full_end = tl.minimum(
-            n_even_end, (tl.maximum(start_m + diag_offset + 1, 0) // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag_offset, 0))
+def block_ranges(start, n_other, offset, before, after,
+                 BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr,
+                 LIMIT_BEFORE: tl.constexpr, LIMIT_AFTER: tl.constexpr):
+    """Which blocks of the other axis a block [start, start + BLOCK) must visit, when index x
+    sees y < n_other iff y >= x + offset - before (LIMIT_BEFORE) and y <= x + offset + after
+    (LIMIT_AFTER). Returns a <= b <= c <= hi, multiples of OTHER_BLOCK but hi:
+
+        [a, b) masked  - the near edge of the window, where rows see part of a block
+        [b, c) full    - every x of the block sees every y: no mask
+        [c, hi) masked - the causal diagonal / far window edge and the ragged end of n_other
+
+    Blocks outside [a, hi) are seen by nobody and skipped. Forward and dQ: x = query, y = key,
+    offset = diag_offset, before = window_left, after = window_right. dK/dV: x = key,
+    y = query, offset = -diag_offset, before = window_right, after = window_left."""
+    last = start + BLOCK - 1
+    even_end = (n_other // OTHER_BLOCK) * OTHER_BLOCK
+    if LIMIT_BEFORE:
+        lo = tl.maximum(start + offset - before, 0)
+        full_lo = tl.maximum(last + offset - before, 0)
     else:
-        n_full_end = n_even_end
-        hi = seqlen_k
-    return n_full_end, hi
+        lo = 0
+        full_lo = 0
+    if LIMIT_AFTER:
+        hi = tl.minimum(n_other, tl.maximum(last + offset + after + 1, 0))
+        full_hi = tl.minimum(even_end, tl.maximum(start + offset + after + 1, 0))
+    else:
+        hi = n_other
+        full_hi = even_end
+    a = (lo // OTHER_BLOCK) * OTHER_BLOCK
+    b = tl.maximum(a, tl.minimum(tl.cdiv(full_lo, OTHER_BLOCK) * OTHER_BLOCK, hi))
+    c = tl.maximum(b, (full_hi // OTHER_BLOCK) * OTHER_BLOCK)
+    return a, b, c, hi
 
 
 @triton.jit
-def query_ranges(start_n, seqlen_q, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr):
-    """For the key block at start_n, the query blocks: masked [lo, m_mid) on the causal diagonal,
-    unmasked [m_mid, m_even_end), masked [m_even_end, seqlen_q) at the ragged end. Rows before lo
-    see none of the block's keys and are skipped."""
-    m_even_end = (seqlen_q // BLOCK_M) * BLOCK_M
-    if IS_CAUSAL:
-        # first row that sees key start_n; first block whose every row sees the whole key block
-        lo = (tl.maximum(start_n - diag_offset, 0) // BLOCK_M) * BLOCK_M
-        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
-        m_mid = tl.minimum(tl.maximum(m_full, lo), m_even_end)
+def apply_mask_mod(keep, off_b, off_h, offs_m, offs_n, MaskData, mask_data_stride,
+                   MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr):
+    """keep AND the user's mask predicate (masks.py), called with broadcast index tiles."""
+    if MASK_DATA:
+        keep = keep & MASK_MOD(off_b, off_h, offs_m, offs_n, MaskData, mask_data_stride)
     else:
-        lo = 0
-        m_mid = 0
-    return lo, m_mid, m_even_end
+        keep = keep & MASK_MOD(off_b, off_h, offs_m, offs_n)
+    return keep
+
+
+@triton.jit
+def block_start(j, List, BLOCK: tl.constexpr, MAP_BLOCK: tl.constexpr, SPARSE: tl.constexpr):
+    """Start of the j-th block a loop visits: block j itself, or with a mask's block list
+    (SPARSE), sub-block j % (MAP_BLOCK // BLOCK) of the (j // that)-th listed map block."""
+    if SPARSE:
+        start = (tl.load(List + 1 + j // (MAP_BLOCK // BLOCK)) * MAP_BLOCK
+                 + (j % (MAP_BLOCK // BLOCK)) * BLOCK)
+    else:
+        start = j * BLOCK
+    return start
+
+
+@triton.jit
+def list_length(List, BLOCK: tl.constexpr, MAP_BLOCK: tl.constexpr):
+    """How many BLOCK-sized blocks a mask's block list covers (its count of map blocks first)."""
+    return tl.load(List) * (MAP_BLOCK // BLOCK)

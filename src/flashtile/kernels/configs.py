@@ -5,7 +5,8 @@ Under the Triton interpreter (CPU) the blocks are small and unequal (BLOCK_M != 
 tests of modest sequence lengths cross many blocks, the causal diagonal and the ragged ends.
 
 On the GPU each kernel is wrapped in `triton.autotune` over the candidates below, keyed by the
-padded head dim, causality, dot precision and a log2 bucket of the sequence length; the winner is
+padded head dim, dot precision, a log2 bucket of the sequence length and the compile-time
+flags of the score modifications (kernels/params.py); the winner is
 cached in memory and on disk (Triton's cache directory), so only the first call of a new key
 pays for tuning. The candidate lists were pruned from larger sweeps on an H100
 (docs/performance.md).
@@ -69,12 +70,20 @@ def set_override(kernel: str, config: KernelConfig | None) -> None:
         _override[kernel] = config
 
 
-def fixed_config(kernel: str) -> KernelConfig | None:
+def autotuning() -> bool:
+    """FLASHTILE_AUTOTUNE=0 launches each kernel with the first candidate of its head dim
+    instead of tuning: the GPU tests of many flag combinations use it to keep compiles few."""
+    return os.environ.get("FLASHTILE_AUTOTUNE", "1") != "0"
+
+
+def fixed_config(kernel: str, head_dim_padded: int, precision: str) -> KernelConfig | None:
     """The config to launch with directly, or None to let the autotuner choose."""
     if kernel in _override:
         return _override[kernel]
     if interpreting():
         return _INTERPRETER
+    if not autotuning():
+        return KernelConfig(*candidates(kernel, head_dim_padded, precision)[0])
     return None
 
 
@@ -86,27 +95,33 @@ _CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
               (128, 128, 8, 2), (64, 64, 4, 3)],
         256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+        512: [(64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 8, 1), (32, 16, 4, 1)],
     },
     "bwd_dkdv": {
         64: [(32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
         128: [(64, 128, 8, 2), (32, 128, 4, 3), (32, 128, 4, 5), (32, 128, 8, 3),
               (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
         256: [(16, 64, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 4, 2)],
+        512: [(16, 32, 8, 1), (16, 16, 4, 1), (32, 32, 8, 1), (16, 16, 8, 1)],
     },
     "bwd_dq": {
         64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
         128: [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3),
               (128, 64, 8, 3), (64, 32, 4, 4)],
         256: [(64, 16, 8, 1), (64, 32, 8, 1), (32, 32, 4, 2), (64, 32, 8, 2)],
+        512: [(32, 16, 8, 1), (16, 16, 4, 1), (32, 32, 8, 1), (16, 16, 8, 1)],
     },
 }
 _CANDIDATES_FP32: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "fwd": {128: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
-            256: [(32, 16, 4, 1), (32, 32, 4, 1), (64, 16, 8, 1)]},
+            256: [(32, 16, 4, 1), (32, 32, 4, 1), (64, 16, 8, 1)],
+            512: [(16, 16, 4, 1), (32, 16, 8, 1)]},
     "bwd_dkdv": {128: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
-                 256: [(16, 32, 4, 1), (16, 16, 4, 1), (16, 32, 8, 1)]},
+                 256: [(16, 32, 4, 1), (16, 16, 4, 1), (16, 32, 8, 1)],
+                 512: [(16, 16, 4, 1), (16, 16, 8, 1)]},
     "bwd_dq": {128: [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
-               256: [(32, 16, 4, 1), (16, 16, 4, 1), (32, 16, 8, 1)]},
+               256: [(32, 16, 4, 1), (16, 16, 4, 1), (32, 16, 8, 1)],
+               512: [(16, 16, 4, 1), (16, 16, 8, 1)]},
 }
 
 
@@ -145,12 +160,14 @@ def pruner(kernel: str):
     return prune
 
 
-TUNING_KEY = ["HEAD_DIM_PAD", "IS_CAUSAL", "DOT_PRECISION", "seqlen_bucket", "USE_TMA"]
+TUNING_KEY = ["HEAD_DIM_PAD", "DOT_PRECISION", "seqlen_bucket", "USE_TMA",
+              "LOCAL_LEFT", "LOCAL_RIGHT", "SOFTCAP", "HAS_ALIBI", "DROPOUT", "MASK_MOD"]
 
 
 class Tunable:
-    """A kernel beside its autotuned twin. `select()` gives what to launch: the kernel with a
-    fixed config (interpreter, or an override), else the autotuner over `tuning_space(name)`."""
+    """A kernel beside its autotuned twin. `select(head_dim_padded, precision)` gives what to
+    launch: the kernel with a fixed config (interpreter, override, FLASHTILE_AUTOTUNE=0), else
+    the autotuner over `tuning_space(name)`, keyed by TUNING_KEY."""
 
     def __init__(self, name: str, kernel):
         self.name = name
@@ -159,8 +176,8 @@ class Tunable:
             tuning_space(name), key=TUNING_KEY, cache_results=True,
             prune_configs_by={"early_config_prune": pruner(name)})(kernel)
 
-    def select(self):
-        fixed = fixed_config(self.name)
+    def select(self, head_dim_padded: int, precision: str):
+        fixed = fixed_config(self.name, head_dim_padded, precision)
         return (self.kernel, fixed.launch_kwargs()) if fixed else (self.tuned, {})
 
 

@@ -1,21 +1,23 @@
 """Fused attention forward: online softmax over key blocks, only LSE saved for the backward.
 
-For one query block q (BLOCK_M rows) and key/value blocks k, v (BLOCK_N rows), in base 2 with
-qk_scale = softmax_scale * log2(e) (docs/derivation.md §6):
+For one query block q (BLOCK_M rows) and key/value blocks k, v (BLOCK_N rows), in base 2
+(docs/derivation.md §6, §15):
 
-    qk    = (q kᵀ) * qk_scale                      masked entries -> -inf
-    m_ij  = max(m_i, rowmax(qk))
-    p     = exp2(qk - m_ij)
+    s     = scores_log2(q kᵀ)                   log2(e) · (softcap(scale · q kᵀ) + ALiBi bias)
+                                                masked entries -> -inf
+    m_ij  = max(m_i, rowmax(s))
+    p     = exp2(s - m_ij)
     alpha = exp2(m_i - m_ij)
     l_i   = l_i * alpha + rowsum(p)
-    acc   = acc * alpha + p v
+    acc   = acc * alpha + (p ∘ z / (1 - dropout_p)) v        z = dropout keep mask, if DROPOUT
     ...
     O     = acc / l_i,     LSE = (m_i + log2 l_i) * ln 2     (natural log at the boundary)
 
-Key blocks split into three ranges: [0, n_full_end) needs no mask; [n_full_end, hi) holds the
-causal diagonal and the ragged end of the keys and is masked; [hi, seqlen_k) is skipped because
-no row of the block sees it. Tensors are (batch, seqlen, heads, headdim) through strides, so the
-SDPA layout (batch, heads, seqlen, headdim) runs without copies.
+Key blocks fall into `block_ranges`: masked near the window's left edge, unmasked in the middle,
+masked on the causal diagonal / right edge and the ragged end; blocks nobody sees are skipped.
+Tensors are (batch, seqlen, heads, headdim) through strides, so the SDPA layout
+(batch, heads, seqlen, headdim) runs without copies. Query head h reads key/value head
+h // group (grouped-query attention; group = 1 is multi-head).
 
 Grid: (cdiv(seqlen_q, BLOCK_M), batch * nheads).
 """
@@ -26,46 +28,70 @@ import triton.language as tl
 
 from flashtile.kernels import configs
 from flashtile.kernels.common import (
-    key_ranges,
+    apply_mask_mod,
+    block_ranges,
+    block_start,
+    dropout_keep,
+    list_length,
     load_rows,
     load_tile,
     query_block_start,
     row_source,
+    scores_log2,
     visible,
 )
+from flashtile.kernels.params import LOG2E, AttnOptions
 
 
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, start_n_lo, start_n_hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
+    offs_m, offs_d, block_lo, block_hi, List, off_b, off_h, MaskData, mask_data_stride,
+    seqlen_q, seqlen_k,
+    diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
+    dropout_p, dropout_scale, seed, rng_base,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
+    SPARSE: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """Key blocks block_lo .. block_hi - 1 (in BLOCK_N units), or with SPARSE the blocks of a
+    mask's block list `List`; MASKED applies the visibility mask (and the mask predicate)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start_n_lo, start_n_hi, BLOCK_N):
+    for j in tl.range(block_lo, block_hi):
+        start_n = block_start(j, List, BLOCK_N, MAP_BLOCK_N, SPARSE)
         offs_n = start_n + offs_n0
         # k, v: (BLOCK_N, HEAD_DIM_PAD)
         k = load_rows(K_src, start_n, offs_n, offs_d, stride_kn, stride_kd, seqlen_k,
                       HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
         v = load_rows(V_src, start_n, offs_n, offs_d, stride_vn, stride_vd, seqlen_k,
                       HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
-        # -- compute qk, in log2 units --
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # -- scores, in log2 units --
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, _ = scores_log2(qk, offs_m[:, None], offs_n[None, :], diag_offset, qk_scale,
+                           softcap_scale, softcap_log2, slope2, SOFTCAP, HAS_ALIBI)
         if MASKED:
             keep = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag_offset,
-                           IS_CAUSAL)
-            qk = tl.where(keep, qk, float("-inf"))
+                           window_left, window_right, LOCAL_LEFT, LOCAL_RIGHT)
+            if MASK_MOD is not None:
+                keep = apply_mask_mod(keep, off_b, off_h, offs_m[:, None], offs_n[None, :],
+                                      MaskData, mask_data_stride, MASK_MOD, MASK_DATA)
+            s = tl.where(keep, s, float("-inf"))
         # -- update m_i; a row that has seen nothing keeps m = -inf, subtract 0 there --
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(qk - m_safe[:, None])
+        p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        # -- update l_i and acc --
+        # -- update l_i (every p) and acc (the p that survive dropout) --
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            z = dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], seqlen_k,
+                             dropout_p)
+            p = tl.where(z, p * dropout_scale, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
@@ -73,48 +99,106 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, Alibi, KvLists, MaskData,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
-    stride_lb, stride_lh,
-    nheads, seqlen_q, seqlen_k, diag_offset, qk_scale,
+    stride_lb, stride_lh, stride_ab,
+    stride_mapb, stride_maph, stride_mapr, stride_mapk, mask_data_stride,
+    nheads, group, seqlen_q, seqlen_k,
+    diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+    dropout_p, dropout_scale, seed,
     seqlen_bucket,  # autotuning key only (configs.seqlen_bucket)
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr,
+    MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    start_m = query_block_start(BLOCK_M, IS_CAUSAL)
+    start_m = query_block_start(BLOCK_M, LOCAL_RIGHT)
     off_bh = tl.program_id(1)
     off_b = (off_bh // nheads).to(tl.int64)
     off_h = (off_bh % nheads).to(tl.int64)
+    off_hk = off_h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
     Q_block = Q + off_b * stride_qb + off_h * stride_qh
-    K_src = row_source(K + off_b * stride_kb + off_h * stride_kh, seqlen_k, stride_kn,
+    K_src = row_source(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    V_src = row_source(V + off_b * stride_vb + off_h * stride_vh, seqlen_k, stride_vn,
+    V_src = row_source(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     q = load_tile(Q_block, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, HEAD_DIM,
                   CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
+    rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # -- the three key ranges: unmasked, masked (diagonal and ragged end), skipped --
-    n_full_end, hi = key_ranges(start_m, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, 0, n_full_end, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, False, DOT_PRECISION, USE_TMA)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, n_full_end, hi, seqlen_q, seqlen_k, diag_offset, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, True, DOT_PRECISION, USE_TMA)
+    if MASK_MOD is not None:
+        # -- a mask predicate: the key blocks its block map lists, full ones then partial --
+        FullList = (KvLists + off_b * stride_mapb + off_h * stride_maph
+                    + (start_m // MAP_BLOCK_M) * stride_mapr)
+        PartList = FullList + stride_mapk
+        n_full = list_length(FullList, BLOCK_N, MAP_BLOCK_N)
+        n_part = list_length(PartList, BLOCK_N, MAP_BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, 0, n_full, FullList, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            slope2, dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, False, DOT_PRECISION,
+            USE_TMA)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, 0, n_part, PartList, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            slope2, dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, True, DOT_PRECISION,
+            USE_TMA)
+    else:
+        # -- key blocks: masked [a, b), unmasked [b, c), masked [c, hi); the rest skipped --
+        a, b, c, hi = block_ranges(start_m, seqlen_k, diag_offset, window_left, window_right,
+                                   BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
+        ja, jb, jc, jhi = a // BLOCK_N, b // BLOCK_N, c // BLOCK_N, tl.cdiv(hi, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, ja, jb, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            slope2, dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, True, DOT_PRECISION,
+            USE_TMA)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, jb, jc, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            slope2, dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, False, DOT_PRECISION,
+            USE_TMA)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, jc, jhi, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+            slope2, dropout_p, dropout_scale, seed, rng_base,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, True, DOT_PRECISION,
+            USE_TMA)
 
     # -- epilogue: normalize; a row that saw nothing gives O = 0, LSE = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -127,34 +211,36 @@ def _attn_fwd(
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
-
 _attn_fwd_tunable = configs.Tunable("fwd", _attn_fwd)
 
 
-def attention_forward(q, k, v, softmax_scale: float, causal: bool, diag_offset: int):
-    """Launch the forward. q: (B, Nq, H, D), k, v: (B, Nk, H, D), any strides.
+def attention_forward(q, k, v, opts: AttnOptions):
+    """Launch the forward. q: (B, Nq, H, D), k, v: (B, Nk, H_k, D), H % H_k == 0, any strides.
 
     Returns out (B, Nq, H, D) in q's dtype, with q's memory layout, and lse (B, H, Nq) float32,
     natural log. Inputs are assumed validated (interface.py).
     """
     batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k = k.shape[1]
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(batch, nheads, seqlen_q, device=q.device, dtype=torch.float32)
-    kernel, launch = _attn_fwd_tunable.select()
+    alibi, stride_ab = opts.alibi(lse)
+    kv_lists, mask_data, *mask_strides = opts.mask_args("kv", lse)
+    kernel, launch = _attn_fwd_tunable.select(configs.head_dim_pad(head_dim),
+                                         configs.dot_precision(q.dtype))
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)
 
     kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, alibi, kv_lists, mask_data,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        lse.stride(0), lse.stride(1),
-        nheads, seqlen_q, seqlen_k, diag_offset, softmax_scale * 1.4426950408889634,
+        lse.stride(0), lse.stride(1), stride_ab, *mask_strides,
+        nheads, nheads // nheads_k, seqlen_q, seqlen_k, *opts.scalars(),
         configs.seqlen_bucket(seqlen_q, seqlen_k),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim),
-        IS_CAUSAL=causal, DOT_PRECISION=configs.dot_precision(q.dtype),
-        USE_TMA=configs.use_tma("forward", k, v),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim), **opts.flags(),
+        **opts.mask_flags(),
+        DOT_PRECISION=configs.dot_precision(q.dtype), USE_TMA=configs.use_tma("forward", k, v),
         **launch,
     )
     return out, lse

@@ -1,0 +1,87 @@
+"""What every kernel receives besides its tensors: the attention options, turned into runtime
+scalars and compile-time flags in one fixed order.
+
+The kernels take, after their tensors and strides:
+
+    nheads, group, seqlen_q, seqlen_k, *AttnOptions.scalars(), seqlen_bucket, ...,
+    **AttnOptions.flags()
+
+so a new option is added here once, not at every launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttnOptions:
+    """Options of one attention call, validated (interface.py).
+
+    diag_offset: query i's diagonal is key i + diag_offset (seqlen_k - seqlen_q for
+        FlashAttention's bottom-right alignment, 0 for SDPA's top-left).
+    window_left, window_right: query i sees keys diag - window_left .. diag + window_right;
+        -1 is unlimited on that side. causal is window_right = 0.
+    softcap: scores become softcap · tanh(scores / softcap); 0 is off.
+    alibi_slopes: (nheads,) or (batch, nheads) float32, bias -slope · |i + diag_offset - j|.
+    dropout_p, seed: dropout on P with Philox numbers from `seed` (torch's generator).
+    deterministic: accepted for FlashAttention-2 compatibility; the backward always is.
+    mask_mod, lists: a mask predicate (masks.MaskMod) and its block lists for this call
+        (kernels/blockmap.py).
+    """
+
+    softmax_scale: float
+    diag_offset: int
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    seed: int = 0
+    deterministic: bool = True
+    mask_mod: object = None
+    lists: object = None
+
+    @property
+    def causal(self) -> bool:
+        return self.window_right == 0 and self.window_left < 0
+
+    def scalars(self) -> tuple:
+        """diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+        dropout_p, dropout_scale, seed."""
+        softcap_scale = self.softmax_scale / self.softcap if self.softcap > 0 else 0.0
+        return (self.diag_offset, max(self.window_left, 0), max(self.window_right, 0),
+                self.softmax_scale * LOG2E, softcap_scale, self.softcap * LOG2E,
+                self.dropout_p, 1.0 / (1.0 - self.dropout_p), self.seed)
+
+    def flags(self) -> dict[str, bool]:
+        return dict(LOCAL_LEFT=self.window_left >= 0, LOCAL_RIGHT=self.window_right >= 0,
+                    SOFTCAP=self.softcap > 0, HAS_ALIBI=self.alibi_slopes is not None,
+                    DROPOUT=self.dropout_p > 0)
+
+    def alibi(self, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The slopes tensor and its batch stride (0 for (nheads,) slopes); without ALiBi a
+        placeholder the kernels never read."""
+        if self.alibi_slopes is None:
+            return fallback, 0
+        slopes = self.alibi_slopes
+        return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0)
+
+    def mask_args(self, kind: str, placeholder: torch.Tensor) -> tuple:
+        """Lists, MaskData, then stride_mapb, stride_maph, stride_mapr, stride_mapk,
+        mask_data_stride: what the kernels take for a mask predicate (placeholders without)."""
+        if self.mask_mod is None:
+            return (placeholder, placeholder, 0, 0, 0, 0, 0)
+        lists, *strides = self.lists.kernel_args(kind)
+        data = self.mask_mod.data if self.mask_mod.data is not None else placeholder
+        return (lists, data, *strides, self.mask_mod.data_stride)
+
+    def mask_flags(self) -> dict:
+        size = self.lists.map_block if self.lists is not None else 16
+        return dict(MASK_MOD=self.mask_mod.fn if self.mask_mod is not None else None,
+                    MASK_DATA=self.mask_mod is not None and self.mask_mod.data is not None,
+                    MAP_BLOCK_M=size, MAP_BLOCK_N=size)
