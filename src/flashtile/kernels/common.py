@@ -14,6 +14,9 @@ DROPOUT): switched off, it is not in the compiled kernel.
 import triton
 import triton.language as tl
 
+# log2(e), as a constexpr: the one kind of global a compiled kernel may read.
+LOG2E = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
 def load_tile(base, offs_r, offs_c, stride_r, stride_c, n_rows, n_cols,

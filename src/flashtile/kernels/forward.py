@@ -28,6 +28,7 @@ import triton.language as tl
 
 from flashtile.kernels import configs
 from flashtile.kernels.common import (
+    LOG2E,
     apply_mask_mod,
     block_ranges,
     block_start,
@@ -40,7 +41,7 @@ from flashtile.kernels.common import (
     scores_log2,
     visible,
 )
-from flashtile.kernels.params import LOG2E, AttnOptions
+from flashtile.kernels.params import AttnOptions
 
 
 @triton.jit

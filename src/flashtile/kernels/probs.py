@@ -14,13 +14,14 @@ import triton.language as tl
 
 from flashtile.kernels import configs
 from flashtile.kernels.common import (
+    LOG2E,
     apply_mask_mod,
     dropout_keep,
     load_tile,
     scores_log2,
     visible,
 )
-from flashtile.kernels.params import LOG2E, AttnOptions
+from flashtile.kernels.params import AttnOptions
 
 
 @triton.jit
