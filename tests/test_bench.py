@@ -226,3 +226,287 @@ def test_bad_arguments_are_refused(capsys):
         main(["--modes", "fwd,sideways"])
     assert exit_.value.code == 2
     assert "unknown sideways" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# --features (bench/features.py): issue 4's cases. Everything but the GPU timings: the cases,
+# their masks and FLOPs, the harness with a stand-in timer, and the reports from made-up times.
+
+from flashtile.bench import features  # noqa: E402
+from flashtile.bench.features import (  # noqa: E402
+    Case,
+    FeatureResult,
+    check_case,
+    document_ids,
+    feature_cases,
+    measure_feature,
+    speedups,
+    write_feature_reports,
+)
+from flashtile.bench.run import parse_args  # noqa: E402
+from flashtile.reference import attention_naive, keep_mask  # noqa: E402
+
+
+def test_features_is_a_preset_beside_quick_and_long(capsys):
+    args = parse_args(["--features"])
+    assert args.features and not args.quick and not args.long
+    assert not parse_args(["--quick"]).features
+    args = parse_args(["--features", "--modes", "fwd", "--providers", "flex", "--seqlens", "4k"])
+    assert (args.modes, args.providers, args.seqlens) == (["fwd"], ["flex"], [4096])
+    with pytest.raises(SystemExit):
+        parse_args(["--features", "--long"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    preset = PRESETS["features"]
+    assert (preset.dims, preset.seqlens, preset.batch, preset.heads) == ((128,), (16384,), 1, 16)
+    assert preset.providers == ("flashtile", "flex") and preset.modes == ("fwd", "bwd", "fwdbwd")
+
+
+def test_features_without_gpu_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--features"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_feature_cases_of_issue_4():
+    full, window, gqa, document = feature_cases()
+    assert [c.name for c in (full, window, gqa, document)] == ["full", "window", "gqa",
+                                                               "document"]
+    for c in (full, window, gqa, document):
+        assert (c.batch, c.heads, c.seqlen, c.head_dim) == (1, 16, 16384, 128)
+    assert (full.kv_heads, window.kv_heads, gqa.kv_heads, document.kv_heads) == (16, 16, 2, 16)
+    assert (window.window, document.documents) == (1024, 8)
+    assert full.pairs() == gqa.pairs() == 16384**2
+    assert window.pairs() == 1024 * 16384 - 1024 * 1023 // 2
+    assert document.pairs() == 8 * 2048**2
+    assert full.flops("fwd") == 4 * 16 * 16384**2 * 128
+    assert document.flops("bwd") == 2.5 * full.flops("fwd") / 8
+    assert "window_size=(1023, 0)" in window.describe()
+    with pytest.raises(ValueError, match="multiple of 8 documents"):
+        feature_cases(seqlen=1001)
+
+
+def test_document_ids_are_8_runs_of_2048():
+    ids = document_ids(16384, 8)
+    assert ids.dtype == torch.int32 and ids.shape == (16384,)
+    assert torch.equal(ids.bincount(), torch.full((8,), 2048))
+    assert ids[0] == 0 and ids[2047] == 0 and ids[2048] == 1 and ids[-1] == 7
+    assert bool((ids[1:] >= ids[:-1]).all())
+    with pytest.raises(ValueError):
+        document_ids(100, 8)
+
+
+def test_checked_rows_and_heads():
+    assert features.check_slices(16384) == [(0, 2560), (13824, 16384)]  # cross 2048, 14336
+    assert features.check_slices(2000) == [(0, 2000)]
+    assert features.check_heads(16) == [0, 1, 15] and features.check_heads(1) == [0]
+    # absolute below 1, relative above: one bf16 ulp at 4 (2^-5) passes, 0.03 at 0.5 does not
+    ref = torch.tensor([0.5, 4.0])
+    assert features.output_diff(ref + torch.tensor([0.0, 2**-5]), ref) == 2**-7
+    assert features.output_diff(ref + torch.tensor([0.03, 0.0]), ref) > features.MAX_DIFF
+
+
+def _flex_keep(mask_mod, n):
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    return mask_mod(0, 0, i, j).expand(n, n)
+
+
+def test_flex_masks_are_flashtiles():
+    """Flex's window predicate is FlashAttention's window_size=(w - 1, 0); both predicates keep
+    exactly Case.pairs() pairs."""
+    n = 256
+    window = Case("window", n, 16, window=64)
+    keep = _flex_keep(features.window_mask_mod(64), n)
+    assert torch.equal(keep, keep_mask(n, n, causal=False, window_size=(63, 0)))
+    assert int(keep.sum()) == window.pairs()
+    doc = Case("document", n, 16, documents=4)
+    ids = document_ids(n, 4)
+    keep = _flex_keep(features.document_mask_mod(ids), n)
+    assert torch.equal(keep, ids[:, None] == ids[None, :]) and int(keep.sum()) == doc.pairs()
+
+
+def _naive_features(case, q, k, v, doc_ids):
+    """A stand-in for a provider, on the CPU: attention_naive with each case's mask."""
+    kwargs = {"window_size": (case.window - 1, 0)} if case.window is not None else {}
+    if case.documents is not None:
+        kwargs["mask"] = doc_ids[:, None] == doc_ids[None, :]
+    return lambda: attention_naive(q, k, v, **kwargs)[0]
+
+
+SMALL = feature_cases(seqlen=256, head_dim=16, heads=4, window=64, kv_heads=2, documents=4)
+
+
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
+def test_feature_harness_checks_then_times(monkeypatch, case):
+    monkeypatch.setattr(features, "CHECK_ROWS", 96)  # two slices of rows: 0:96, 160:256
+    def do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        fn()
+        return 2.0
+
+    monkeypatch.setattr(measure, "do_bench", do_bench)
+    q, k, v, dout = features.case_inputs(case, torch.float32, "cpu")
+    doc_ids = document_ids(case.seqlen, case.documents) if case.documents else None
+    lines = []
+    results, out = measure_feature(case, "p", _naive_features, q, k, v, dout, doc_ids,
+                                   ["fwd", "bwd"], 1, 1, log=lines.append)
+    assert [(r.mode, r.status, r.ms) for r in results] == [("fwd", "ok", 2.0), ("bwd", "ok", 2.0)]
+    assert results[0].tflops == pytest.approx(case.flops("fwd") / 2e-3 / 1e12)
+    assert results[0].check_err <= results[0].check_tol and results[0].diff is None
+    assert out.shape == q.shape and "check ok" in lines[0]
+    # A provider whose output differs from flashtile's fails and is never timed.
+    results, _ = measure_feature(case, "q", _naive_features, q, k, v, dout, doc_ids, ["fwd"], 1,
+                                 1, compare_to=out + 0.1, log=lines.append)
+    assert results[0].status == "failed" and "flashtile's out" in results[0].note
+    # So does one that ignores the mask, or that pairs query head h with kv head h % H_kv.
+    def wrong(c, q, k, v, doc_ids):
+        if c.kv_heads != c.heads:
+            k, v = (t.repeat(1, c.heads // c.kv_heads, 1, 1) for t in (k, v))
+        return _naive_features(Case("full", c.seqlen, c.head_dim, c.heads, c.heads), q, k, v,
+                               doc_ids)
+
+    if case.name != "full":
+        results, _ = measure_feature(case, "r", wrong, q, k, v, dout, doc_ids, ["fwd"], 1, 1,
+                                     log=lines.append)
+        assert results[0].status == "failed" and "tolerance" in results[0].note
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
+def test_flex_provider_agrees_with_the_reference_on_cpu(monkeypatch, case):
+    """Flex's masks and enable_gqa, through eager flex_attention (forward only on the CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(features, "_compiled_flex", lambda: flex_attention)
+    monkeypatch.setattr(features, "CHECK_ROWS", 96)
+    q, k, v, _ = (t.detach() for t in features.case_inputs(case, torch.float32, "cpu"))
+    doc_ids = document_ids(case.seqlen, case.documents) if case.documents else None
+    out = features.flex_features(case, q, k, v, doc_ids)()
+    err, tol, message = check_case(case, out, q, k, v, doc_ids)
+    assert message == "" and err <= tol
+
+
+FULL, WINDOW, GQA, DOC = feature_cases()
+
+
+def _fr(case, provider, mode, ms):
+    return FeatureResult(case, provider, mode, "ok", ms=ms,
+                         tflops=case.flops(mode) / (ms * 1e-3) / 1e12, check_err=1e-3,
+                         check_tol=4e-3, diff=None if provider == "flashtile" else 5e-4)
+
+
+def _fake_feature_results():
+    times = {  # (flashtile, flex) ms for fwd, bwd
+        FULL: ((10.0, 12.0), (30.0, 40.0)), WINDOW: ((1.6, 2.0), (7.5, 8.0)),
+        GQA: ((9.0, 11.0), (32.0, 36.0)), DOC: ((2.0, 3.0), (6.0, 8.0))}
+    results = []
+    for case, ((ft_fwd, fx_fwd), (ft_bwd, fx_bwd)) in times.items():
+        results += [_fr(case, "flashtile", "fwd", ft_fwd), _fr(case, "flashtile", "bwd", ft_bwd)]
+        if case is DOC:
+            results += [FeatureResult(case, "flex", m, "failed", check_err=0.5, check_tol=4e-3,
+                                      diff=0.5, note="out rows 0:2560: max |diff| too big")
+                        for m in ("fwd", "bwd")]
+        else:
+            results += [_fr(case, "flex", "fwd", fx_fwd), _fr(case, "flex", "bwd", fx_bwd)]
+    return results
+
+
+def test_feature_speedups_and_targets():
+    found = {(s["case"], s["provider"], s["mode"]): s for s in speedups(_fake_feature_results())}
+    assert found["window", "flashtile", "fwd"]["speedup"] == pytest.approx(6.25)
+    assert found["window", "flashtile", "fwd"]["met"] is True
+    assert found["window", "flashtile", "bwd"]["speedup"] == pytest.approx(4.0)
+    assert found["window", "flashtile", "bwd"]["met"] is False
+    assert found["window", "flex", "fwd"]["met"] is None  # the targets are flashtile's
+    assert found["gqa", "flashtile", "fwd"]["met"] and not found["gqa", "flashtile", "bwd"]["met"]
+    assert found["document", "flashtile", "fwd"]["speedup"] == pytest.approx(5.0)
+    assert ("document", "flex", "fwd") not in found  # flex failed there
+    assert len(found) == 10
+
+
+def test_feature_reports_are_written(tmp_path):
+    results = _fake_feature_results()
+    write_feature_reports(tmp_path, results, META)
+    md = (tmp_path / "features.md").read_text()
+    times = _cells(md.split("## Times (median ms)\n\n")[1].split("\n\n")[1])
+    assert times[0] == ["case", "N", "D", "mode", "flashtile ms", "flex ms",
+                        "flashtile µs/q-head", "flex µs/q-head", "flashtile ÷ flex",
+                        "flashtile TFLOP/s", "flex TFLOP/s"]
+    assert times[2][:9] == ["full", "16384", "128", "fwd", "10.000", "12.000", "625.0",
+                            "750.0", "1.20"]
+    assert times[2][9] == f"{FULL.flops('fwd') / 1e-2 / 1e12:.0f}"
+    assert times[-1][:9] == ["document", "16384", "128", "bwd", "6.000", "FAIL", "375.0",
+                             "FAIL", "-"]
+    table = md.split("## Speedup over full attention of the same provider\n\n")[1]
+    rows = _cells(table.split("\n\n")[1])
+    assert rows[0] == ["case", "N", "D", "mode", "flashtile", "flex", "target",
+                       "flashtile meets"]
+    assert rows[2:] == [
+        ["window", "16384", "128", "fwd", "6.25", "6.00", ">= 5", "yes"],
+        ["window", "16384", "128", "bwd", "4.00", "5.00", ">= 5", "NO"],
+        ["gqa", "16384", "128", "fwd", "1.11", "1.09", ">= 1", "yes"],
+        ["gqa", "16384", "128", "bwd", "0.94", "1.11", ">= 1", "NO"],
+        ["document", "16384", "128", "fwd", "5.00", "-", ">= 4", "yes"],
+        ["document", "16384", "128", "bwd", "5.00", "-", ">= 4", "yes"],
+    ]
+    assert "- flex failed at document N=16384 D=128: out rows 0:2560" in md
+    checks = _cells(md.split("## Checks before timing\n\n")[1].split("\n\n")[1])
+    assert checks[0] == ["case", "N", "D", "provider", "max err vs float64", "tolerance",
+                         "max diff to flashtile", "check"]
+    assert checks[2] == ["full", "16384", "128", "flashtile", "1.00e-03", "4.00e-03", "-", "ok"]
+    assert checks[-1] == ["document", "16384", "128", "flex", "5.00e-01", "4.00e-03",
+                          "5.00e-01", "FAIL"]
+    assert "TFLOP/s = 4·B·H·pairs·D / time" in md and "N²·D" not in md
+    assert "Test GPU 80GB, driver 580.1" in md
+
+    data = json.loads((tmp_path / "features.json").read_text())
+    assert data["metadata"] == META and data["targets"] == features.TARGETS
+    assert [c["name"] for c in data["cases"]] == ["full", "window", "gqa", "document"]
+    assert data["cases"][3]["pairs"] == 8 * 2048**2 and data["cases"][2]["kv_heads"] == 2
+    assert len(data["results"]) == 16 and data["results"][0]["ms"] == 10.0
+    assert data["results"][0]["case"]["name"] == "full"
+    assert {(s["case"], s["mode"]) for s in data["speedups"] if s["provider"] == "flashtile"} == {
+        (c, m) for c in ("window", "gqa", "document") for m in ("fwd", "bwd")}
+
+
+def test_run_features_walks_every_case_and_writes_reports(monkeypatch, tmp_path):
+    """run_features's loop on the CPU, with attention_naive standing in for both providers."""
+    from flashtile.bench.run import Preset
+
+    def do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        fn()
+        return 2.0
+
+    make_inputs = features.case_inputs
+    monkeypatch.setattr(measure, "do_bench", do_bench)
+    monkeypatch.setattr(features, "case_inputs",
+                        lambda case, dtype: make_inputs(case, dtype, "cpu"))
+    monkeypatch.setattr(features, "FACTORIES", {"flashtile": _naive_features,
+                                                "flex": _naive_features})
+    monkeypatch.setattr(features, "CHECK_ROWS", 96)
+    preset = Preset(dims=(16,), seqlens=(256,), modes=("fwd", "bwd"),
+                    providers=("flashtile", "flex"), warmup_ms=1, rep_ms=1, batch=1, heads=4)
+    lines = []
+    status = features.run_features(parse_args(["--features", "--providers", "flex,flashtile"]),
+                                   META, tmp_path, torch.float32, preset, lines.append)
+    assert status == 0
+    data = json.loads((tmp_path / "features.json").read_text())
+    assert [(r["case"]["name"], r["provider"], r["mode"], r["status"])
+            for r in data["results"]] == [
+        (c, p, m, "ok") for c in ("full", "window", "gqa", "document")
+        for p in ("flashtile", "flex") for m in ("fwd", "bwd")]
+    assert {r["diff"] for r in data["results"] if r["provider"] == "flex"} == {0.0}
+    assert all(s["speedup"] == 1.0 for s in data["speedups"])
+    assert (tmp_path / "features.md").exists() and "wrote" in lines[-1]
+    # A flashtile that fails its check: exit status 1, and flex is not compared with it.
+    def wrong(case, q, k, v, doc_ids):
+        return lambda: _naive_features(case, q, k, v, doc_ids)() + 1
+
+    monkeypatch.setitem(features.FACTORIES, "flashtile", wrong)
+    status = features.run_features(parse_args(["--features", "--modes", "fwd"]), META, tmp_path,
+                                   torch.float32, preset, lines.append)
+    assert status == 1
+    data = json.loads((tmp_path / "features.json").read_text())
+    assert {(r["provider"], r["status"], r["diff"]) for r in data["results"]} == {
+        ("flashtile", "failed", None), ("flex", "ok", None)}
+    bad = parse_args(["--features", "--providers", "sdpa-cudnn"])
+    assert features.run_features(bad, META, tmp_path, torch.float32, preset, lines.append) == 2

@@ -178,7 +178,9 @@ def _with_mask(opts: AttnOptions, mask_mod, q: torch.Tensor, k: torch.Tensor) ->
     mask = masks.as_mask_mod(mask_mod)
     batch, seqlen_q, nheads, _ = q.shape
     if mask.data is not None and mask.data.device != q.device:
-        raise ValueError(f"mask_mod's data is on {mask.data.device} but q is on {q.device}")
+        if mask.data.device.type == "meta":
+            raise ValueError(f"mask_mod's data is on {mask.data.device} but q is on {q.device}")
+        mask = mask.to(q.device)  # small index data: copied once, cached on the mask
     if mask.check is not None:
         mask.check(batch, seqlen_q, k.shape[1])
     if _nothing_to_launch(q, k):

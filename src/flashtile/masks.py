@@ -53,6 +53,16 @@ class MaskMod:
     check: Callable[[int, int, int], None] | None = None
     _maps: dict = field(default_factory=dict, repr=False)
 
+    def to(self, device) -> MaskMod:
+        """This mask with its data on `device` (copied once, then cached with its block maps)."""
+        if self.data is None or self.data.device == torch.device(device):
+            return self
+        key = ("device", str(device))
+        if key not in self._maps:
+            self._maps[key] = MaskMod(self.fn, self.data.to(device), self.data_stride,
+                                      self.per_batch, self.per_head, self.name, self.check)
+        return self._maps[key]
+
     def __post_init__(self):
         if not isinstance(self.fn, _JIT_TYPES):
             raise TypeError(f"mask_mod must be a @triton.jit function, got "

@@ -1,8 +1,9 @@
 """`flashtile bench`: flashtile beside torch's attention backends and FlexAttention (and
 FlashAttention-4 where it is installed), on one GPU, in one run.
 
-    flashtile bench [--quick | --long] [--providers flashtile,sdpa-cudnn] [--dims 64,128]
-                    [--seqlens 1k,4k,16k] [--modes fwd,bwd,fwdbwd] [--dtype bfloat16] [--out DIR]
+    flashtile bench [--quick | --long | --features] [--providers flashtile,sdpa-cudnn]
+                    [--dims 64,128] [--seqlens 1k,4k,16k] [--modes fwd,bwd,fwdbwd]
+                    [--dtype bfloat16] [--out DIR]
 
 The default grid is the one shared/anchors-h100.md was measured on: head dim D in {64, 128},
 causal and not, seqlen N from 512 to 16k, batch = 16384 / N and heads = 2048 / D, so that every
@@ -10,8 +11,10 @@ problem holds 16384 tokens of width 2048. --quick is a subset that takes a few m
 is long-context: batch 1, 16 heads, D = 128, N in {32k, 64k, 128k}. --dims, --seqlens, --modes
 and --providers override what the preset chose. Each provider is checked against the float64
 reference before it is timed. Writes bench.md, bench.json and bench.png to --out (default:
-$OUT if set, else results/). Exit status: 0, or 1 when flashtile failed its check, or 2 when
-there is no CUDA GPU.
+$OUT if set, else results/). --features measures issue 4's feature cases instead (sliding
+window, GQA and document mask beside full attention, flashtile and FlexAttention:
+bench/features.py) and writes features.md and features.json. Exit status: 0, or 1 when
+flashtile failed its check, or 2 when there is no CUDA GPU.
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ PRESETS = {
     "long": Preset(dims=(128,), seqlens=(32768, 65536, 131072), modes=MODES,
                    providers=tuple(p for p in PROVIDERS if p != "naive"),
                    warmup_ms=100, rep_ms=1000, batch=1, heads=16),
+    # Issue 4's feature cases (bench/features.py): one 16k sequence of 16 heads, D = 128.
+    "features": Preset(dims=(128,), seqlens=(16384,), modes=MODES, providers=("flashtile", "flex"),
+                       warmup_ms=50, rep_ms=300, batch=1, heads=16),
 }
 
 
@@ -112,6 +118,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "sdpa-cudnn / flex: a few minutes")
     preset.add_argument("--long", action="store_true",
                         help="long context: batch 1, 16 heads, D=128, N in {32k, 64k, 128k}")
+    preset.add_argument("--features", action="store_true",
+                        help="issue 4's feature cases at N=16k, D=128, 16 heads: full attention, "
+                        "sliding window 1024, GQA 8:1, 8 documents; flashtile and flex; writes "
+                        "features.md/json")
     parser.add_argument("--providers", type=_names(tuple(PROVIDERS)),
                         help=f"comma-separated, from {', '.join(PROVIDERS)}")
     parser.add_argument("--dims", type=_ints, help="head dims, e.g. 64,128")
@@ -181,7 +191,8 @@ def main(argv: list[str]) -> int:
               "timings need one. `flashtile demo` runs on the CPU through the Triton "
               "interpreter.", file=sys.stderr)
         return 2
-    preset = PRESETS["quick" if args.quick else "long" if args.long else "full"]
+    preset = PRESETS["quick" if args.quick else "long" if args.long
+                     else "features" if args.features else "full"]
     providers = args.providers or list(preset.providers)
     modes = args.modes or list(preset.modes)
     shapes = shape_grid(args.dims or list(preset.dims), args.seqlens or list(preset.seqlens),
@@ -199,6 +210,10 @@ def main(argv: list[str]) -> int:
     meta["ceilings"] = ceilings(preset.warmup_ms, preset.rep_ms)
     log(f"ceilings: bf16 matmul 8192³ {meta['ceilings']['matmul_bf16_tflops']:.0f} TFLOP/s, "
         f"device copy {meta['ceilings']['copy_gbps']:.0f} GB/s (read + write)")
+    if args.features:
+        from flashtile.bench.features import run_features
+
+        return run_features(args, meta, out_dir, dtype, preset, log)
     log(f"{len(shapes)} shapes × {len(providers)} providers ({', '.join(providers)}), "
         f"modes {', '.join(modes)}, {args.dtype}; writing to {out_dir}/")
 
