@@ -6,8 +6,12 @@ A mask is a `@triton.jit` function of broadcast index tiles
     mask_mod(b, h, q_idx, kv_idx, data, stride) -> the same, reading a tensor `data`
 
 passed to `flash_attn_func(..., mask_mod=...)`, bare or wrapped in `MaskMod` with its data.
-Indices are absolute positions (q_idx in [0, seqlen_q), kv_idx in [0, seqlen_k)), b the batch
-entry, h the query head. The kernels AND it with the other masks (causal, window, bounds).
+Indices are absolute positions, always inside the problem (q_idx in [0, seqlen_q), kv_idx in
+[0, seqlen_k)), b the batch entry, h the query head, so a predicate may index its data with
+them. The kernels AND it with the other masks (causal, window, bounds). A predicate defined in
+your own module needs `import triton.language as tl` there (the interpreter resolves it).
+`document` and `prefix_lm` copy their ids: later changes to the caller's tensor do not leak into
+masks (and block maps) already made.
 
 Once per mask and shape, a block map records which (query block, key block) tiles are empty,
 partial or full (kernels/blockmap.py); the kernels skip the empty ones and apply the predicate
@@ -52,16 +56,17 @@ class MaskMod:
     name: str = "mask_mod"
     check: Callable[[int, int, int], None] | None = None
     _maps: dict = field(default_factory=dict, repr=False)
+    _copies: dict = field(default_factory=dict, repr=False)
 
     def to(self, device) -> MaskMod:
         """This mask with its data on `device` (copied once, then cached with its block maps)."""
         if self.data is None or self.data.device == torch.device(device):
             return self
-        key = ("device", str(device))
-        if key not in self._maps:
-            self._maps[key] = MaskMod(self.fn, self.data.to(device), self.data_stride,
-                                      self.per_batch, self.per_head, self.name, self.check)
-        return self._maps[key]
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = MaskMod(self.fn, self.data.to(device), self.data_stride,
+                                        self.per_batch, self.per_head, self.name, self.check)
+        return self._copies[key]
 
     def __post_init__(self):
         if not isinstance(self.fn, _JIT_TYPES):
@@ -72,12 +77,17 @@ class MaskMod:
                             f"{type(self.data).__name__}")
 
 
+_bare: dict = {}  # bare predicate -> its MaskMod, so that its block maps are cached too
+
+
 def as_mask_mod(mask) -> MaskMod:
     """A MaskMod from what the user passed: a MaskMod or a bare @triton.jit predicate."""
     if isinstance(mask, MaskMod):
         return mask
     if isinstance(mask, _JIT_TYPES):
-        return MaskMod(mask, name=getattr(mask, "__name__", "mask_mod"))
+        if mask not in _bare:
+            _bare[mask] = MaskMod(mask, name=getattr(mask, "__name__", "mask_mod"))
+        return _bare[mask]
     raise TypeError(f"mask_mod must be a @triton.jit function or a flashtile.masks.MaskMod, "
                     f"got {type(mask).__name__}")
 
@@ -129,7 +139,8 @@ def document(doc_ids: torch.Tensor) -> MaskMod:
     if doc_ids.dim() not in (1, 2):
         raise ValueError(f"doc_ids must have shape (seqlen,) or (batch, seqlen), got "
                          f"{tuple(doc_ids.shape)}")
-    data = doc_ids.to(torch.int32).contiguous()
+    # a copy: the block maps cached on this mask must keep describing these ids
+    data = doc_ids.to(torch.int32, copy=True).contiguous()
     per_batch = data.dim() == 2
 
     def check(batch, seqlen_q, seqlen_k):
@@ -152,7 +163,7 @@ def prefix_lm(prefix_lengths: torch.Tensor | int, device=None) -> MaskMod:
                        name=f"prefix_lm({prefix_lengths})")
     if not isinstance(prefix_lengths, torch.Tensor) or prefix_lengths.dim() != 1:
         raise TypeError("prefix_lengths must be an int or a (batch,) integer tensor")
-    data = prefix_lengths.to(torch.int32).contiguous()
+    data = prefix_lengths.to(torch.int32, copy=True).contiguous()
 
     def check(batch, seqlen_q, seqlen_k):
         if data.shape[0] != batch:

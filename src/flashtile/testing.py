@@ -77,7 +77,10 @@ def reference_attention(q, k, v, dout=None, *, softmax_scale=None, causal=False,
     attention_naive's keywords (window_size, softcap, alibi_slopes, mask, dropout_p,
     dropout_keep, return_probs), each tensor in attention_naive's own shape: mask and
     dropout_keep (B, H, Nq, Nk) or broadcastable, alibi_slopes (H,) or (B, H)."""
-    Q, K, V = (t.detach().transpose(1, 2).requires_grad_(dout is not None) for t in (q, k, v))
+    # leaves in the compute dtype: autograd returns each gradient in its leaf's dtype, and a
+    # float64 reference must not be rounded back to the inputs' dtype
+    Q, K, V = (t.detach().transpose(1, 2).to(dtype or t.dtype).requires_grad_(dout is not None)
+               for t in (q, k, v))
     O, LSE, *probs = attention_naive(Q, K, V, softmax_scale=softmax_scale, causal=causal,
                                      diag_offset=diag_offset, dtype=dtype, **features)
     grads: tuple = (None, None, None)

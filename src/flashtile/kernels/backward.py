@@ -119,7 +119,8 @@ def _attn_bwd_dkdv_inner(
                            window_left, window_right, LOCAL_LEFT, LOCAL_RIGHT)
             if MASK_MOD is not None:
                 keep = apply_mask_mod(keep, off_b, off_h, offs_m[None, :], offs_n[:, None],
-                                      MaskData, mask_data_stride, MASK_MOD, MASK_DATA)
+                                      seqlen_q, seqlen_k, MaskData, mask_data_stride, MASK_MOD,
+                                      MASK_DATA)
             pT = tl.where(keep, pT, 0.0)
         # -- dpT = (dO Vᵀ)ᵀ --
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -302,7 +303,8 @@ def _attn_bwd_dq_inner(
                            window_left, window_right, LOCAL_LEFT, LOCAL_RIGHT)
             if MASK_MOD is not None:
                 keep = apply_mask_mod(keep, off_b, off_h, offs_m[:, None], offs_n[None, :],
-                                      MaskData, mask_data_stride, MASK_MOD, MASK_DATA)
+                                      seqlen_q, seqlen_k, MaskData, mask_data_stride, MASK_MOD,
+                                      MASK_DATA)
             p = tl.where(keep, p, 0.0)
         # -- dp = dO vᵀ (∘ z / (1 - dropout_p)); ds = p ∘ (dp − Delta) ∘ softcap'; dQ += ds k --
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)

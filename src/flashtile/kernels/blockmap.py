@@ -42,8 +42,8 @@ def _block_map(
     offs_n = tl.program_id(1) * MAP_BLOCK_N + tl.arange(0, MAP_BLOCK_N)
     keep = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag_offset,
                    window_left, window_right, LOCAL_LEFT, LOCAL_RIGHT)
-    keep = apply_mask_mod(keep, off_b, off_h, offs_m[:, None], offs_n[None, :], MaskData,
-                          mask_data_stride, MASK_MOD, MASK_DATA)
+    keep = apply_mask_mod(keep, off_b, off_h, offs_m[:, None], offs_n[None, :], seqlen_q,
+                          seqlen_k, MaskData, mask_data_stride, MASK_MOD, MASK_DATA)
     out = Out + off_b.to(tl.int64) * stride_ob + off_h * stride_oh
     if DENSE:
         tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], keep.to(tl.int8),
@@ -101,9 +101,19 @@ def _lists(state: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts, dim=-2).contiguous()
 
 
+def _normalized(device) -> torch.device:
+    """"cuda" and "cuda:0" name one device: one cache entry."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def block_lists(mask, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, opts,
                 device) -> BlockLists:
     """The block lists of `mask` for this shape and these options, cached on the mask."""
+    device = _normalized(device)
+    mask = mask.to(device)
     size = map_block_size()
     map_batch = batch if mask.per_batch else 1
     map_heads = nheads if mask.per_head else 1
@@ -122,6 +132,7 @@ def dense_keep(mask, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, opts
                device) -> torch.Tensor:
     """(batch, nheads, seqlen_q, seqlen_k) bool: the full visibility rule with this mask, as
     the kernels see it (for tests and the reference)."""
+    mask = mask.to(device)
     out = torch.empty(batch, nheads, seqlen_q, seqlen_k, dtype=torch.int8, device=device)
     size = map_block_size()
     _launch(mask, out, seqlen_q, seqlen_k, opts, size, size, dense=True)

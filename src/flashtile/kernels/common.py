@@ -159,9 +159,13 @@ def block_ranges(start, n_other, offset, before, after,
 
 
 @triton.jit
-def apply_mask_mod(keep, off_b, off_h, offs_m, offs_n, MaskData, mask_data_stride,
-                   MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr):
-    """keep AND the user's mask predicate (masks.py), called with broadcast index tiles."""
+def apply_mask_mod(keep, off_b, off_h, offs_m, offs_n, seqlen_q, seqlen_k, MaskData,
+                   mask_data_stride, MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr):
+    """keep AND the user's mask predicate (masks.py), called with broadcast index tiles. The
+    indices are clamped into [0, seqlen): the predicate never sees a position past the end (the
+    padding of a ragged tile, which `keep` already drops), so it may index its data freely."""
+    offs_m = tl.minimum(offs_m, seqlen_q - 1)
+    offs_n = tl.minimum(offs_n, seqlen_k - 1)
     if MASK_DATA:
         keep = keep & MASK_MOD(off_b, off_h, offs_m, offs_n, MaskData, mask_data_stride)
     else:

@@ -79,7 +79,8 @@ def _attn_fwd_inner(
                            window_left, window_right, LOCAL_LEFT, LOCAL_RIGHT)
             if MASK_MOD is not None:
                 keep = apply_mask_mod(keep, off_b, off_h, offs_m[:, None], offs_n[None, :],
-                                      MaskData, mask_data_stride, MASK_MOD, MASK_DATA)
+                                      seqlen_q, seqlen_k, MaskData, mask_data_stride, MASK_MOD,
+                                      MASK_DATA)
             s = tl.where(keep, s, float("-inf"))
         # -- update m_i; a row that has seen nothing keeps m = -inf, subtract 0 there --
         m_ij = tl.maximum(m_i, tl.max(s, 1))

@@ -67,7 +67,8 @@ def _attn_probs(
                        window_left, window_right, LOCAL_LEFT, LOCAL_RIGHT)
         if MASK_MOD is not None:
             keep = apply_mask_mod(keep, off_b, off_h, offs_m[:, None], offs_n[None, :],
-                                  MaskData, mask_data_stride, MASK_MOD, MASK_DATA)
+                                  seqlen_q, seqlen_k, MaskData, mask_data_stride, MASK_MOD,
+                                  MASK_DATA)
         p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
         if DROPOUT:
             z = dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], seqlen_k,
