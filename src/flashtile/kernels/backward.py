@@ -89,13 +89,14 @@ def _attn_bwd_dkdv_inner(
     LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, MAP_BLOCK_M: tl.constexpr,
-    SPARSE: tl.constexpr, MASKED: tl.constexpr,
+    SPARSE: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Query blocks block_lo .. block_hi - 1 (BLOCK_M units), or with SPARSE those of a mask's
-    block list `List`; MASKED applies the visibility mask (and the mask predicate)."""
+    """Query blocks starting at block_lo, block_lo + STEP, ... < block_hi (dense: positions,
+    STEP = BLOCK_M), or with SPARSE (STEP = 1) those of a mask's block list `List`; MASKED
+    applies the visibility mask (and the mask predicate)."""
     offs_m0 = tl.arange(0, BLOCK_M)
-    for j in tl.range(block_lo, block_hi):
+    for j in tl.range(block_lo, block_hi, STEP):
         start_m = block_start(j, List, BLOCK_M, MAP_BLOCK_M, SPARSE)
         offs_m = start_m + offs_m0
         # q, do: (BLOCK_M, HEAD_DIM_PAD)
@@ -210,7 +211,7 @@ def _attn_bwd_dkdv(
                 diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, True, False, DOT_PRECISION,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, True, 1, False, DOT_PRECISION,
                 USE_TMA)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
@@ -220,42 +221,42 @@ def _attn_bwd_dkdv(
                 diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, True, True, DOT_PRECISION,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, True, 1, True, DOT_PRECISION,
                 USE_TMA)
         else:
             # -- query blocks: masked [a, b), unmasked [b, c), masked [c, hi) --
             a, b, c, hi = block_ranges(start_n, seqlen_q, -diag_offset, window_right,
                                        window_left, BLOCK_N, BLOCK_M, LOCAL_RIGHT, LOCAL_LEFT)
-            ja, jb, jc, jhi = a // BLOCK_M, b // BLOCK_M, c // BLOCK_M, tl.cdiv(hi, BLOCK_M)
+            if LOCAL_RIGHT:  # the causal diagonal / right edge: none without one
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
+                    stride_qm, stride_qd, stride_dom, stride_dod,
+                    offs_n, offs_d, a, b, QLists, off_b, off_h, MaskData, mask_data_stride,
+                    seqlen_q, seqlen_k,
+                    diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                    slope2, dropout_p, dropout_scale, seed, rng_base,
+                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+                    DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, BLOCK_M, True, DOT_PRECISION,
+                    USE_TMA)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
                 stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_n, offs_d, ja, jb, QLists, off_b, off_h, MaskData, mask_data_stride,
+                offs_n, offs_d, b, c, QLists, off_b, off_h, MaskData, mask_data_stride,
                 seqlen_q, seqlen_k,
                 diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, True, DOT_PRECISION,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, BLOCK_M, False, DOT_PRECISION,
                 USE_TMA)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
                 stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_n, offs_d, jb, jc, QLists, off_b, off_h, MaskData, mask_data_stride,
+                offs_n, offs_d, c, hi, QLists, off_b, off_h, MaskData, mask_data_stride,
                 seqlen_q, seqlen_k,
                 diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, False, DOT_PRECISION,
-                USE_TMA)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
-                stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_n, offs_d, jc, jhi, QLists, off_b, off_h, MaskData, mask_data_stride,
-                seqlen_q, seqlen_k,
-                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-                slope2, dropout_p, dropout_scale, seed, rng_base,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, True, DOT_PRECISION,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, BLOCK_M, True, DOT_PRECISION,
                 USE_TMA)
 
     dk = dk * softmax_scale
@@ -280,12 +281,12 @@ def _attn_bwd_dq_inner(
     LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
-    SPARSE: tl.constexpr, MASKED: tl.constexpr,
+    SPARSE: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Key blocks as in the forward's loop (_attn_fwd_inner)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for j in tl.range(block_lo, block_hi):
+    for j in tl.range(block_lo, block_hi, STEP):
         start_n = block_start(j, List, BLOCK_N, MAP_BLOCK_N, SPARSE)
         offs_n = start_n + offs_n0
         # k, v: (BLOCK_N, HEAD_DIM_PAD)
@@ -381,7 +382,7 @@ def _attn_bwd_dq(
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
             dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
-            MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, False, DOT_PRECISION, USE_TMA)
+            MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, False, DOT_PRECISION, USE_TMA)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
             offs_m, offs_d, 0, n_part, PartList, off_b, off_h, MaskData, mask_data_stride,
@@ -389,36 +390,37 @@ def _attn_bwd_dq(
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
             dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
-            MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, True, DOT_PRECISION, USE_TMA)
+            MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, True, DOT_PRECISION, USE_TMA)
     else:
         # -- key blocks as in the forward: masked [a, b), unmasked [b, c), masked [c, hi) --
         a, b, c, hi = block_ranges(start_m, seqlen_k, diag_offset, window_left, window_right,
                                    BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
-        ja, jb, jc, jhi = a // BLOCK_N, b // BLOCK_N, c // BLOCK_N, tl.cdiv(hi, BLOCK_N)
+        if LOCAL_LEFT:  # the window's left edge: no such range without one
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+                offs_m, offs_d, a, b, KvLists, off_b, off_h, MaskData, mask_data_stride,
+                seqlen_q, seqlen_k,
+                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                slope2, dropout_p, dropout_scale, seed, rng_base,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+                DROPOUT,
+                MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION, USE_TMA)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, ja, jb, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            offs_m, offs_d, b, c, KvLists, off_b, off_h, MaskData, mask_data_stride,
             seqlen_q, seqlen_k,
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
             dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
-            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, True, DOT_PRECISION, USE_TMA)
+            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, False, DOT_PRECISION, USE_TMA)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, jb, jc, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            offs_m, offs_d, c, hi, KvLists, off_b, off_h, MaskData, mask_data_stride,
             seqlen_q, seqlen_k,
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
             dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
-            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, False, DOT_PRECISION, USE_TMA)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, jc, jhi, KvLists, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
-            dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
-            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, True, DOT_PRECISION, USE_TMA)
+            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION, USE_TMA)
 
     dq = dq * softmax_scale
     dq_ptrs = (dQ + off_b * stride_dqb + off_h * stride_dqh

@@ -175,13 +175,14 @@ def apply_mask_mod(keep, off_b, off_h, offs_m, offs_n, seqlen_q, seqlen_k, MaskD
 
 @triton.jit
 def block_start(j, List, BLOCK: tl.constexpr, MAP_BLOCK: tl.constexpr, SPARSE: tl.constexpr):
-    """Start of the j-th block a loop visits: block j itself, or with a mask's block list
-    (SPARSE), sub-block j % (MAP_BLOCK // BLOCK) of the (j // that)-th listed map block."""
+    """Start of the block a loop visits at step j: j itself (dense loops step over positions,
+    BLOCK at a time), or with a mask's block list (SPARSE, steps of 1), sub-block
+    j % (MAP_BLOCK // BLOCK) of the (j // that)-th listed map block."""
     if SPARSE:
         start = (tl.load(List + 1 + j // (MAP_BLOCK // BLOCK)) * MAP_BLOCK
                  + (j % (MAP_BLOCK // BLOCK)) * BLOCK)
     else:
-        start = j * BLOCK
+        start = j
     return start
 
 

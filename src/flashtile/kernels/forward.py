@@ -56,13 +56,14 @@ def _attn_fwd_inner(
     LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
-    SPARSE: tl.constexpr, MASKED: tl.constexpr,
+    SPARSE: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Key blocks block_lo .. block_hi - 1 (in BLOCK_N units), or with SPARSE the blocks of a
-    mask's block list `List`; MASKED applies the visibility mask (and the mask predicate)."""
+    """Key blocks starting at block_lo, block_lo + STEP, ... < block_hi (dense: positions,
+    STEP = BLOCK_N), or with SPARSE (STEP = 1) the blocks of a mask's block list `List`;
+    MASKED applies the visibility mask (and the mask predicate)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for j in tl.range(block_lo, block_hi):
+    for j in tl.range(block_lo, block_hi, STEP):
         start_n = block_start(j, List, BLOCK_N, MAP_BLOCK_N, SPARSE)
         offs_n = start_n + offs_n0
         # k, v: (BLOCK_N, HEAD_DIM_PAD)
@@ -158,7 +159,7 @@ def _attn_fwd(
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, False, DOT_PRECISION,
+            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, False, DOT_PRECISION,
             USE_TMA)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -167,39 +168,39 @@ def _attn_fwd(
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, True, DOT_PRECISION,
+            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, True, DOT_PRECISION,
             USE_TMA)
     else:
         # -- key blocks: masked [a, b), unmasked [b, c), masked [c, hi); the rest skipped --
         a, b, c, hi = block_ranges(start_m, seqlen_k, diag_offset, window_left, window_right,
                                    BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
-        ja, jb, jc, jhi = a // BLOCK_N, b // BLOCK_N, c // BLOCK_N, tl.cdiv(hi, BLOCK_N)
+        if LOCAL_LEFT:  # the window's left edge: no such range without one
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+                offs_m, offs_d, a, b, KvLists, off_b, off_h, MaskData, mask_data_stride,
+                seqlen_q, seqlen_k,
+                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
+                slope2, dropout_p, dropout_scale, seed, rng_base,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION,
+                USE_TMA)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, ja, jb, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            offs_m, offs_d, b, c, KvLists, off_b, off_h, MaskData, mask_data_stride,
             seqlen_q, seqlen_k,
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, True, DOT_PRECISION,
+            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, False, DOT_PRECISION,
             USE_TMA)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, jb, jc, KvLists, off_b, off_h, MaskData, mask_data_stride,
+            offs_m, offs_d, c, hi, KvLists, off_b, off_h, MaskData, mask_data_stride,
             seqlen_q, seqlen_k,
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, False, DOT_PRECISION,
-            USE_TMA)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, jc, jhi, KvLists, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            slope2, dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, True, DOT_PRECISION,
+            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION,
             USE_TMA)
 
     # -- epilogue: normalize; a row that saw nothing gives O = 0, LSE = -inf --
