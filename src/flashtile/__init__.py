@@ -13,8 +13,13 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
 from flashtile import masks  # noqa: E402
-from flashtile.interface import flash_attn_func, scaled_dot_product_attention  # noqa: E402
+from flashtile.interface import (  # noqa: E402
+    flash_attn_func,
+    flash_attn_varlen_func,
+    scaled_dot_product_attention,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "flash_attn_func", "masks", "scaled_dot_product_attention"]
+__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "masks",
+           "scaled_dot_product_attention"]

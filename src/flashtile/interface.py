@@ -294,6 +294,102 @@ def flash_attn_func(
     return (out, lse) if return_lse else out
 
 
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> int:
+    """cu_seqlens: int32, (batch + 1,), starting at 0, nondecreasing, ending at `total`.
+    Returns the longest sequence. (One host synchronization: the values are checked.)"""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of batch + 1 >= 2 cumulative "
+                         f"lengths, got {cu.dtype} of shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    values = cu.tolist()
+    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must start at 0, never decrease and end at {total} (the "
+                         f"packed length), got {values[:8]}{' ...' if len(values) > 8 else ''}")
+    return max(b - a for a, b in zip(values, values[1:]))
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    return_lse: bool = False,
+):
+    """flash_attn_func over a packed batch of sequences of different lengths, FlashAttention-2's
+    signature: no work is spent on padding.
+
+    Arguments:
+        q: (total_q, nheads, headdim), the batch's sequences one after another.
+        k, v: (total_k, nheads_k, headdim).
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 cumulative lengths: sequence i's queries
+            are rows cu_seqlens_q[i] .. cu_seqlens_q[i + 1] - 1. Empty sequences are allowed.
+        max_seqlen_q, max_seqlen_k: at least the longest sequence (checked).
+        The other arguments as in flash_attn_func; causal and window_size are aligned to each
+        sequence's own bottom-right corner, alibi_slopes may be (batch, nheads).
+
+    Returns out (total_q, nheads, headdim); with return_lse also lse (nheads, total_q) float32;
+    with return_attn_probs (out, lse, probs), probs (batch, nheads, max_seqlen_q,
+    max_seqlen_k), zero beyond each sequence's lengths.
+    """
+    _check_tensors(("q", "k", "v"), (q, k, v), 3, "(total, nheads, headdim)")
+    batch = cu_seqlens_q.shape[0] - 1 if isinstance(cu_seqlens_q, torch.Tensor) else 0
+    longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.numel()} entries but cu_seqlens_q "
+                         f"has {cu_seqlens_q.numel()}; both are batch + 1")
+    for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q),
+                                 ("max_seqlen_k", max_seqlen_k, longest_k)):
+        if isinstance(given, bool) or not isinstance(given, int) or given < longest:
+            raise ValueError(f"{name} must be an int of at least the longest sequence "
+                             f"({longest}), got {given!r}")
+    q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, total, H, D) views
+    _check_qkv(q4, k4, v4)
+    dropout_p = _dropout_p(dropout_p)
+    window_left, window_right = _window(window_size)
+    if causal:
+        window_right = 0
+    slopes = alibi_slopes
+    if isinstance(slopes, torch.Tensor) and slopes.dim() == 2 and slopes.shape[0] != batch:
+        raise ValueError(f"alibi_slopes must have shape ({q.shape[1]},) or ({batch}, "
+                         f"{q.shape[1]}), got {tuple(slopes.shape)}")
+    opts = AttnOptions(
+        softmax_scale=_softmax_scale(softmax_scale, q.shape[-1]),
+        diag_offset=0,  # each sequence's own: seqlen_k - seqlen_q, in the kernels
+        window_left=window_left,
+        window_right=window_right,
+        softcap=_softcap(softcap),
+        alibi_slopes=_alibi(slopes, q4.expand(batch, *q4.shape[1:])) if slopes is not None
+        else None,
+        dropout_p=dropout_p,
+        seed=_dropout_seed() if dropout_p > 0 else 0,
+        varlen=(cu_seqlens_q, cu_seqlens_k, max(max_seqlen_q, 1), max(max_seqlen_k, 1)),
+    )
+    out, lse = _FlashAttnFunction.apply(q4, k4, v4, opts)
+    out, lse = out.squeeze(0), lse.squeeze(0)  # (total_q, H, D), (H, total_q)
+    if return_attn_probs:
+        probs = (attention_probs(q4.detach(), k4.detach(), lse.unsqueeze(0), opts)
+                 if not _nothing_to_launch(q, k) else
+                 torch.zeros(batch, q.shape[1], max_seqlen_q, max_seqlen_k, device=q.device))
+        return out, lse, probs
+    return (out, lse) if return_lse else out
+
+
 _warned: set[str] = set()
 
 

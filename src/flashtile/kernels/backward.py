@@ -38,6 +38,7 @@ from flashtile.kernels.common import (
     query_block_start,
     row_source,
     scores_log2,
+    seq_bounds,
     visible,
 )
 from flashtile.kernels.params import AttnOptions
@@ -145,7 +146,7 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, dO, LSE, Delta, dK, dV, Alibi, QLists, MaskData,
+    Q, K, V, dO, LSE, Delta, dK, dV, Alibi, QLists, MaskData, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -163,7 +164,7 @@ def _attn_bwd_dkdv(
     LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr,
-    MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
+    MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Causal: key block 0 is seen by the most query rows, so the natural order is heaviest-first.
@@ -173,12 +174,20 @@ def _attn_bwd_dkdv(
     off_hk = (tl.program_id(1) % nheads_k).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    rng_seqlens = seqlen_q * seqlen_k  # dropout counters per head: over the longest lengths
+    # -- packed variable-length batches: this entry's rows and lengths --
+    q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
+        CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
+    # a program past its sequence's end visits no query (seqlen_q of 0 for the block ranges)
+    rows_visited = seqlen_q
+    if VARLEN:
+        rows_visited = tl.where(start_n < seqlen_k, seqlen_q, 0)
 
-    k = load_tile(K + off_b * stride_kb + off_hk * stride_kh, offs_n, offs_d, stride_kn,
-                  stride_kd, seqlen_k, HEAD_DIM, CHECK_ROWS=True,
+    k = load_tile(K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn, offs_n,
+                  offs_d, stride_kn, stride_kd, seqlen_k, HEAD_DIM, CHECK_ROWS=True,
                   CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
-    v = load_tile(V + off_b * stride_vb + off_hk * stride_vh, offs_n, offs_d, stride_vn,
-                  stride_vd, seqlen_k, HEAD_DIM, CHECK_ROWS=True,
+    v = load_tile(V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn, offs_n,
+                  offs_d, stride_vn, stride_vd, seqlen_k, HEAD_DIM, CHECK_ROWS=True,
                   CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -186,16 +195,16 @@ def _attn_bwd_dkdv(
     # -- the query heads that share this key/value head, gradients summed --
     for off_g in range(0, group):
         off_h = off_hk * group + off_g
-        Q_src = row_source(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
-                           HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
-        dO_src = row_source(dO + off_b * stride_dob + off_h * stride_doh, seqlen_q, stride_dom,
-                            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
-        LSE_block = LSE + off_b * stride_lb + off_h * stride_lh
-        Delta_block = Delta + off_b * stride_lb + off_h * stride_lh
+        Q_src = row_source(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm,
+                           seqlen_q, stride_qm, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
+        dO_src = row_source(dO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom,
+                            seqlen_q, stride_dom, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, USE_TMA)
+        LSE_block = LSE + off_b * stride_lb + off_h * stride_lh + q_start
+        Delta_block = Delta + off_b * stride_lb + off_h * stride_lh + q_start
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
-        rng_base = (off_b * nheads + off_h) * seqlen_q * seqlen_k
+        rng_base = (off_b * nheads + off_h) * rng_seqlens
         if MASK_MOD is not None:
             # -- a mask predicate: the query blocks its block map lists, full then partial --
             FullList = (QLists + off_b * stride_mapb + off_h * stride_maph
@@ -225,7 +234,7 @@ def _attn_bwd_dkdv(
                 USE_TMA)
         else:
             # -- query blocks: masked [a, b), unmasked [b, c), masked [c, hi) --
-            a, b, c, hi = block_ranges(start_n, seqlen_q, -diag_offset, window_right,
+            a, b, c, hi = block_ranges(start_n, rows_visited, -diag_offset, window_right,
                                        window_left, BLOCK_N, BLOCK_M, LOCAL_RIGHT, LOCAL_LEFT)
             if LOCAL_RIGHT:  # the causal diagonal / right edge: none without one
                 dk, dv = _attn_bwd_dkdv_inner(
@@ -261,10 +270,10 @@ def _attn_bwd_dkdv(
 
     dk = dk * softmax_scale
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = (dK + off_b * stride_dkb + off_hk * stride_dkh
+    dk_ptrs = (dK + off_b * stride_dkb + off_hk * stride_dkh + k_start * stride_dkn
                + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
     tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=mask)
-    dv_ptrs = (dV + off_b * stride_dvb + off_hk * stride_dvh
+    dv_ptrs = (dV + off_b * stride_dvb + off_hk * stride_dvh + k_start * stride_dvn
                + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd)
     tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=mask)
 
@@ -322,7 +331,7 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, dO, LSE, Delta, dQ, Alibi, KvLists, MaskData,
+    Q, K, V, dO, LSE, Delta, dQ, Alibi, KvLists, MaskData, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -339,7 +348,7 @@ def _attn_bwd_dq(
     LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr,
-    MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
+    MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     start_m = query_block_start(BLOCK_M, LOCAL_RIGHT)
@@ -349,25 +358,33 @@ def _attn_bwd_dq(
     off_hk = off_h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
+    # -- packed variable-length batches: this entry's rows and lengths --
+    q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
+        CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
+    keys_visited = seqlen_k
+    if VARLEN:
+        keys_visited = tl.where(start_m < seqlen_q, seqlen_k, 0)
 
-    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qm, stride_qd,
-                  seqlen_q, HEAD_DIM, CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
-    do = load_tile(dO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, stride_dom,
-                   stride_dod, seqlen_q, HEAD_DIM, CHECK_ROWS=True,
+    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm, offs_m, offs_d,
+                  stride_qm, stride_qd, seqlen_q, HEAD_DIM, CHECK_ROWS=True,
+                  CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
+    do = load_tile(dO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom, offs_m,
+                   offs_d, stride_dom, stride_dod, seqlen_q, HEAD_DIM, CHECK_ROWS=True,
                    CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
-    lse2 = _load_lse2(LSE + off_b * stride_lb + off_h * stride_lh, offs_m, seqlen_q, True)
-    delta = tl.load(Delta + off_b * stride_lb + off_h * stride_lh + offs_m,
+    lse2 = _load_lse2(LSE + off_b * stride_lb + off_h * stride_lh + q_start, offs_m, seqlen_q,
+                      True)
+    delta = tl.load(Delta + off_b * stride_lb + off_h * stride_lh + q_start + offs_m,
                     mask=offs_m < seqlen_q, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
-    rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
 
-    K_src = row_source(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
-                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    V_src = row_source(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
-                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    K_src = row_source(K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
+                       seqlen_k, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    V_src = row_source(V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
+                       seqlen_k, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     if MASK_MOD is not None:
         # -- a mask predicate: the key blocks its block map lists, full then partial --
         FullList = (KvLists + off_b * stride_mapb + off_h * stride_maph
@@ -393,8 +410,8 @@ def _attn_bwd_dq(
             MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, True, DOT_PRECISION, USE_TMA)
     else:
         # -- key blocks as in the forward: masked [a, b), unmasked [b, c), masked [c, hi) --
-        a, b, c, hi = block_ranges(start_m, seqlen_k, diag_offset, window_left, window_right,
-                                   BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
+        a, b, c, hi = block_ranges(start_m, keys_visited, diag_offset, window_left,
+                                   window_right, BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
         if LOCAL_LEFT:  # the window's left edge: no such range without one
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -423,7 +440,7 @@ def _attn_bwd_dq(
             MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION, USE_TMA)
 
     dq = dq * softmax_scale
-    dq_ptrs = (dQ + off_b * stride_dqb + off_h * stride_dqh
+    dq_ptrs = (dQ + off_b * stride_dqb + off_h * stride_dqh + q_start * stride_dqm
                + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty),
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
@@ -438,11 +455,13 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
 
     Returns dq, dk, dv in the inputs' dtypes and memory layouts (dk, dv with k's heads).
     """
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    _, _, nheads, head_dim = q.shape
+    nheads_k = k.shape[2]
+    batch, seqlen_q, seqlen_k = opts.problem(q, k)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     alibi, stride_ab = opts.alibi(lse)
+    cu_q, cu_k = opts.cu_seqlens(lse)
     q_lists, mask_data, *q_list_strides = opts.mask_args("q", lse)
     kv_lists, _, *kv_list_strides = opts.mask_args("kv", lse)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim))
@@ -451,26 +470,28 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
                       **opts.mask_flags(), **common)
     scalars = (nheads, nheads // nheads_k, seqlen_q, seqlen_k, *opts.scalars(),
                configs.seqlen_bucket(seqlen_q, seqlen_k), opts.softmax_scale)
+    lse_strides = (opts.strides(lse)[0], lse.stride(1))
 
-    grid = (triton.cdiv(seqlen_q, configs.PREPROCESS_BLOCK_M), batch * nheads)
+    # Delta is per row: the tensors' own shape (with varlen, all packed rows as one sequence)
+    grid = (triton.cdiv(q.shape[1], configs.PREPROCESS_BLOCK_M), q.shape[0] * nheads)
     _attn_bwd_preprocess[grid](
         out, do, delta, *out.stride(), *do.stride(), lse.stride(0), lse.stride(1),
-        nheads, seqlen_q, BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
+        nheads, q.shape[1], BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
     )
     kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
                                               per_kernel["DOT_PRECISION"])
     kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k)](
-        q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        lse.stride(0), lse.stride(1), stride_ab, *q_list_strides, *scalars, **per_kernel,
-        **launch,
+        q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data, cu_q, cu_k,
+        *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
+        *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
+        *scalars, **per_kernel, **launch,
     )
     kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
                                             per_kernel["DOT_PRECISION"])
     kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)](
-        q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        lse.stride(0), lse.stride(1), stride_ab, *kv_list_strides, *scalars, **per_kernel,
+        q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data, cu_q, cu_k,
+        *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
+        *opts.strides(dq), *lse_strides, stride_ab, *kv_list_strides, *scalars, **per_kernel,
         **launch,
     )
     return dq, dk, dv

@@ -190,3 +190,21 @@ def block_start(j, List, BLOCK: tl.constexpr, MAP_BLOCK: tl.constexpr, SPARSE: t
 def list_length(List, BLOCK: tl.constexpr, MAP_BLOCK: tl.constexpr):
     """How many BLOCK-sized blocks a mask's block list covers (its count of map blocks first)."""
     return tl.load(List) * (MAP_BLOCK // BLOCK)
+
+
+@triton.jit
+def seq_bounds(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN: tl.constexpr):
+    """Where batch entry off_b's rows start in the packed tensors and how long its sequences
+    are. With VARLEN, from the cumulative lengths (int32, batch + 1 entries), and the diagonal
+    is each sequence's own bottom-right one (seqlen_k - seqlen_q); otherwise rows start at 0 and
+    the arguments pass through."""
+    if VARLEN:
+        q_start = tl.load(CuSeqQ + off_b).to(tl.int64)
+        k_start = tl.load(CuSeqK + off_b).to(tl.int64)
+        seqlen_q = (tl.load(CuSeqQ + off_b + 1) - q_start).to(tl.int32)
+        seqlen_k = (tl.load(CuSeqK + off_b + 1) - k_start).to(tl.int32)
+        diag_offset = seqlen_k - seqlen_q
+    else:
+        q_start = 0
+        k_start = 0
+    return q_start, k_start, seqlen_q, seqlen_k, diag_offset

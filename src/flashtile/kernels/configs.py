@@ -162,7 +162,7 @@ def pruner(kernel: str):
 
 TUNING_KEY = ["HEAD_DIM_PAD", "DOT_PRECISION", "seqlen_bucket", "USE_TMA",
               "LOCAL_LEFT", "LOCAL_RIGHT", "SOFTCAP", "HAS_ALIBI", "DROPOUT", "MASK_DATA",
-              "MAP_BLOCK_M", "group"]
+              "MAP_BLOCK_M", "group", "VARLEN"]
 
 
 class Tunable:

@@ -39,6 +39,7 @@ from flashtile.kernels.common import (
     query_block_start,
     row_source,
     scores_log2,
+    seq_bounds,
     visible,
 )
 from flashtile.kernels.params import AttnOptions
@@ -102,7 +103,7 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, Alibi, KvLists, MaskData,
+    Q, K, V, O, LSE, Alibi, KvLists, MaskData, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -118,7 +119,7 @@ def _attn_fwd(
     LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr,
-    MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
+    MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     start_m = query_block_start(BLOCK_M, LOCAL_RIGHT)
@@ -128,18 +129,26 @@ def _attn_fwd(
     off_hk = off_h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    # dropout's counters: per (batch, head), over the (longest) seqlen_q × seqlen_k
+    rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
+    # -- packed variable-length batches: this entry's rows and lengths --
+    q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
+        CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
+    # a program past its sequence's end visits no key (seqlen_k of 0 for the block ranges)
+    keys_visited = seqlen_k
+    if VARLEN:
+        keys_visited = tl.where(start_m < seqlen_q, seqlen_k, 0)
 
-    Q_block = Q + off_b * stride_qb + off_h * stride_qh
-    K_src = row_source(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
-                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    V_src = row_source(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
-                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    Q_block = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
+    K_src = row_source(K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
+                       seqlen_k, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+    V_src = row_source(V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
+                       seqlen_k, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     q = load_tile(Q_block, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, HEAD_DIM,
                   CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
-    rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -172,8 +181,8 @@ def _attn_fwd(
             USE_TMA)
     else:
         # -- key blocks: masked [a, b), unmasked [b, c), masked [c, hi); the rest skipped --
-        a, b, c, hi = block_ranges(start_m, seqlen_k, diag_offset, window_left, window_right,
-                                   BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
+        a, b, c, hi = block_ranges(start_m, keys_visited, diag_offset, window_left,
+                                   window_right, BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
         if LOCAL_LEFT:  # the window's left edge: no such range without one
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -207,8 +216,9 @@ def _attn_fwd(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
-    O_block = O + off_b * stride_ob + off_h * stride_oh
+    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, lse,
+             mask=offs_m < seqlen_q)
+    O_block = O + off_b * stride_ob + off_h * stride_oh + q_start * stride_om
     o_ptrs = O_block + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
@@ -223,11 +233,14 @@ def attention_forward(q, k, v, opts: AttnOptions):
     Returns out (B, Nq, H, D) in q's dtype, with q's memory layout, and lse (B, H, Nq) float32,
     natural log. Inputs are assumed validated (interface.py).
     """
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    _, _, nheads, head_dim = q.shape
+    nheads_k = k.shape[2]
+    batch, seqlen_q, seqlen_k = opts.problem(q, k)
     out = torch.empty_like(q)
-    lse = torch.empty(batch, nheads, seqlen_q, device=q.device, dtype=torch.float32)
+    # (B, H, Nq); with varlen (1, H, total_q), each sequence's rows at its offset
+    lse = torch.empty(q.shape[0], nheads, q.shape[1], device=q.device, dtype=torch.float32)
     alibi, stride_ab = opts.alibi(lse)
+    cu_q, cu_k = opts.cu_seqlens(lse)
     kv_lists, mask_data, *mask_strides = opts.mask_args("kv", lse)
     kernel, launch = _attn_fwd_tunable.select(configs.head_dim_pad(head_dim),
                                          configs.dot_precision(q.dtype))
@@ -236,9 +249,9 @@ def attention_forward(q, k, v, opts: AttnOptions):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)
 
     kernel[grid](
-        q, k, v, out, lse, alibi, kv_lists, mask_data,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        lse.stride(0), lse.stride(1), stride_ab, *mask_strides,
+        q, k, v, out, lse, alibi, kv_lists, mask_data, cu_q, cu_k,
+        *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(out),
+        opts.strides(lse)[0], lse.stride(1), stride_ab, *mask_strides,
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, *opts.scalars(),
         configs.seqlen_bucket(seqlen_q, seqlen_k),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim), **opts.flags(),

@@ -32,6 +32,9 @@ class AttnOptions:
     deterministic: accepted for FlashAttention-2 compatibility; the backward always is.
     mask_mod, lists: a mask predicate (masks.MaskMod) and its block lists for this call
         (kernels/blockmap.py).
+    varlen: packed variable-length batches, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k): the tensors are then (1, total, heads, headdim) and each sequence's
+        diagonal is its own bottom-right one.
     """
 
     softmax_scale: float
@@ -45,6 +48,7 @@ class AttnOptions:
     deterministic: bool = True
     mask_mod: object = None
     lists: object = None
+    varlen: tuple | None = None
 
     @property
     def causal(self) -> bool:
@@ -61,7 +65,7 @@ class AttnOptions:
     def flags(self) -> dict[str, bool]:
         return dict(LOCAL_LEFT=self.window_left >= 0, LOCAL_RIGHT=self.window_right >= 0,
                     SOFTCAP=self.softcap > 0, HAS_ALIBI=self.alibi_slopes is not None,
-                    DROPOUT=self.dropout_p > 0)
+                    DROPOUT=self.dropout_p > 0, VARLEN=self.varlen is not None)
 
     def alibi(self, fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The slopes tensor and its batch stride (0 for (nheads,) slopes); without ALiBi a
@@ -70,6 +74,24 @@ class AttnOptions:
             return fallback, 0
         slopes = self.alibi_slopes
         return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0)
+
+    def problem(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, seqlen_q, seqlen_k) the grid covers: the tensors' own, or with varlen the
+        number of sequences and the longest lengths."""
+        if self.varlen is None:
+            return q.shape[0], q.shape[1], k.shape[1]
+        cu_q, _, max_q, max_k = self.varlen
+        return cu_q.numel() - 1, max_q, max_k
+
+    def strides(self, t: torch.Tensor) -> tuple[int, ...]:
+        """A tensor's strides for the kernels: with varlen, no batch stride (every sequence
+        finds its rows through the cumulative lengths)."""
+        return (0, *t.stride()[1:]) if self.varlen is not None else tuple(t.stride())
+
+    def cu_seqlens(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.varlen is None:
+            return placeholder, placeholder
+        return self.varlen[0], self.varlen[1]
 
     def mask_args(self, kind: str, placeholder: torch.Tensor) -> tuple:
         """Lists, MaskData, then stride_mapb, stride_maph, stride_mapr, stride_mapk,

@@ -1,0 +1,101 @@
+"""Compile the kernels for a Hopper GPU (sm_90) without one: Triton's compiler runs on any
+machine (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas), so front-end errors
+(a non-constexpr global, a type that changes across a branch, an unsupported construct) show up
+on the CPU, before a GPU run. It does not run anything: faults at run time are not caught.
+
+Needs TRITON_INTERPRET=0 when flashtile is imported (the kernels must be JITFunctions):
+
+    TRITON_INTERPRET=0 python -m flashtile.kernels.compile_check
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flashtile import masks
+from flashtile.kernels import backward, blockmap, forward, probs
+
+FLOAT_ARGS = {"qk_scale", "softcap_scale", "softcap_log2", "dropout_p", "dropout_scale",
+              "softmax_scale"}
+POINTER_TYPES = {"LSE": "*fp32", "Alibi": "*fp32", "Delta": "*fp32", "KvLists": "*i32",
+                 "QLists": "*i32", "MaskData": "*i32", "CuSeqQ": "*i32", "CuSeqK": "*i32",
+                 "Out": "*i8", "P": "*fp32"}
+BASE = dict(LOCAL_LEFT=False, LOCAL_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, DROPOUT=False,
+            MASK_MOD=None, MASK_DATA=False, MAP_BLOCK_M=16, MAP_BLOCK_N=16, VARLEN=False,
+            DOT_PRECISION="tf32", USE_TMA=False, HEAD_DIM=128, HEAD_DIM_PAD=128)
+# name: (flags over BASE, kernels' blocks (BLOCK_M, BLOCK_N), num_warps, num_stages, dtype)
+VARIANTS = {
+    "plain": ({}, (128, 64), 8, 3, "bf16"),
+    "causal_tma": (dict(LOCAL_RIGHT=True, USE_TMA=True), (128, 64), 8, 3, "bf16"),
+    "window_softcap_alibi": (dict(LOCAL_LEFT=True, LOCAL_RIGHT=True, SOFTCAP=True,
+                                  HAS_ALIBI=True), (64, 64), 4, 3, "fp16"),
+    "dropout_varlen": (dict(DROPOUT=True, VARLEN=True, LOCAL_RIGHT=True), (64, 32), 4, 2,
+                       "bf16"),
+    "document_mask": (dict(MASK_MOD=masks._document, MASK_DATA=True, MAP_BLOCK_M=128,
+                           MAP_BLOCK_N=128), (64, 64), 4, 3, "bf16"),
+    "fp32_d512": (dict(DOT_PRECISION="ieee", HEAD_DIM=320, HEAD_DIM_PAD=512), (16, 16), 4, 1,
+                  "fp32"),
+}
+
+
+def _signature(fn, constexprs: dict, dtype: str) -> dict:
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in POINTER_TYPES:
+            sig[name] = POINTER_TYPES[name]
+        elif name in ("Q", "K", "V", "O", "dO", "dK", "dV", "dQ"):
+            sig[name] = f"*{dtype}"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_variant(name: str) -> list[str]:
+    """Compile every attention kernel for one variant; returns the kernels compiled."""
+    flags, (block_m, block_n), warps, stages, dtype = VARIANTS[name]
+    flags = {**BASE, **flags, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    done = []
+    for fn in (forward._attn_fwd, backward._attn_bwd_dkdv, backward._attn_bwd_dq,
+               probs._attn_probs):
+        params = set(inspect.signature(fn.fn).parameters)
+        constexprs = {k: v for k, v in flags.items() if k in params}
+        source = ASTSource(fn=fn, signature=_signature(fn, constexprs, dtype),
+                           constexprs=constexprs)
+        triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+        done.append(fn.__name__)
+    if flags["MASK_MOD"] is not None:
+        params = set(inspect.signature(blockmap._block_map.fn).parameters)
+        constexprs = {"MAP_BLOCK_M": 32, "MAP_BLOCK_N": 32, "DENSE": False,
+                      **{k: v for k, v in flags.items() if k in params and "MAP" not in k}}
+        source = ASTSource(fn=blockmap._block_map,
+                           signature=_signature(blockmap._block_map, constexprs, dtype),
+                           constexprs=constexprs)
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        done.append("_block_map")
+    return done
+
+
+def main(argv: list[str]) -> int:
+    if not isinstance(forward._attn_fwd, triton.JITFunction):
+        print("set TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled",
+              file=sys.stderr)
+        return 2
+    for name in argv or list(VARIANTS):
+        print(name, "compiled for sm_90:", ", ".join(compile_variant(name)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,133 @@
+"""flash_attn_varlen_func against per-sequence float64 references (FlashAttention's rule):
+packed batches with empty, single-token and unequal sequences, every dense feature."""
+
+import pytest
+import torch
+from conftest import ON_GPU
+
+import flashtile
+from flashtile.testing import assert_close, check_attention, reference_attention, tolerance
+
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def cumulative(lengths, dev):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                        device=dev)
+
+
+def packed(lens_q, lens_k, nheads, nheads_k, head_dim, dtype, dev):
+    cu_q, cu_k = cumulative(lens_q, dev), cumulative(lens_k, dev)
+    q = torch.randn(sum(lens_q), nheads, head_dim, device=dev, dtype=dtype).requires_grad_()
+    k, v = (torch.randn(sum(lens_k), nheads_k, head_dim, device=dev, dtype=dtype)
+            .requires_grad_() for _ in range(2))
+    return q, k, v, cu_q, cu_k
+
+
+def per_sequence(cu_q, cu_k):
+    for i in range(cu_q.numel() - 1):
+        yield i, slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+
+
+# (name, seqlens_q, seqlens_k, nheads, nheads_k, options)
+CASES = [
+    ("equal_with_empty", [17, 40, 0, 33], [17, 40, 0, 33], 2, 2, {}),
+    ("unequal_causal", [17, 40, 5, 33], [30, 12, 9, 50], 2, 2, dict(causal=True)),
+    ("single_tokens_causal", [1, 64, 1], [64, 1, 5], 2, 2, dict(causal=True)),
+    ("gqa_window", [20, 70], [70, 20], 4, 1, dict(window_size=(8, 3))),
+    ("softcap_alibi", [45, 30], [30, 45], 2, 2, dict(softcap=5.0, alibi=True)),
+    ("empty_keys", [10, 12], [0, 12], 2, 2, {}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,lens_q,lens_k,nheads,nheads_k,options", CASES,
+                         ids=[c[0] for c in CASES])
+def test_varlen_matches_per_sequence_reference(name, lens_q, lens_k, nheads, nheads_k, options,
+                                               dtype, dev):
+    q, k, v, cu_q, cu_k = packed(lens_q, lens_k, nheads, nheads_k, 32, dtype, dev)
+    options = dict(options)
+    slopes = None
+    if options.pop("alibi", False):  # per batch entry: (batch, nheads)
+        slopes = torch.rand(len(lens_q), nheads, device=dev) * 0.3
+    dout = torch.randn_like(q)
+    out, lse = flashtile.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                alibi_slopes=slopes, return_lse=True, **options)
+    assert out.shape == q.shape and lse.shape == (nheads, q.shape[0])
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    for i, rows, keys in per_sequence(cu_q, cu_k):
+        qi, ki, vi, doi = q[rows][None], k[keys][None], v[keys][None], dout[rows][None]
+        extra = dict(options, alibi_slopes=slopes[i] if slopes is not None else None)
+        ref = reference_attention(qi, ki, vi, doi, dtype=torch.float64, **extra)
+        base = reference_attention(qi, ki, vi, doi, **extra)
+        got = dict(out=out[rows][None], lse=lse[:, rows][None], dq=dq[rows][None],
+                   dk=dk[keys][None], dv=dv[keys][None])
+        fields = [f for f, n in (("out", rows), ("lse", rows), ("dq", rows), ("dk", keys),
+                                 ("dv", keys)) if n.stop > n.start]
+        check_attention(f"{name} sequence {i}", got, ref, base, dtype, fields=tuple(fields))
+
+
+def test_varlen_dropout_and_probs(dev):
+    """Dropout and return_attn_probs per sequence: probs zero beyond each sequence, out =
+    probs @ v, the same seed the same mask, and gradients match the reference given it."""
+    lens_q, lens_k = [30, 0, 50], [40, 7, 25]
+    q, k, v, cu_q, cu_k = packed(lens_q, lens_k, 2, 2, 16, torch.float32, dev)
+    torch.manual_seed(11)
+    out, lse, probs = flashtile.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, 50, 40, dropout_p=0.25, causal=True, return_attn_probs=True)
+    assert probs.shape == (3, 2, 50, 40)
+    torch.manual_seed(11)
+    again = flashtile.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 50, 40, dropout_p=0.25,
+                                             causal=True)
+    assert torch.equal(out, again)
+    dout = torch.randn_like(q)
+    dq, dk, dv = torch.autograd.grad(again, (q, k, v), dout)
+    for i, rows, keys in per_sequence(cu_q, cu_k):
+        nq, nk = rows.stop - rows.start, keys.stop - keys.start
+        p = probs[i, :, :nq, :nk]
+        assert not bool(probs[i, :, nq:].any()) and not bool(probs[i, :, :, nk:].any())
+        if nq == 0:
+            continue
+        qi, ki, vi, doi = q[rows][None], k[keys][None], v[keys][None], dout[rows][None]
+        plain = reference_attention(qi, ki, vi, None, causal=True, dtype=torch.float64,
+                                    return_probs=True)
+        keep = (p != 0) | (plain.probs[0] == 0)
+        ref = reference_attention(qi, ki, vi, doi, causal=True, dtype=torch.float64,
+                                  dropout_p=0.25, dropout_keep=keep[None])
+        base = reference_attention(qi, ki, vi, doi, causal=True, dropout_p=0.25,
+                                   dropout_keep=keep[None])
+        got = dict(out=out[rows][None], lse=lse[:, rows][None], dq=dq[rows][None],
+                   dk=dk[keys][None], dv=dv[keys][None])
+        check_attention(f"dropout sequence {i}", got, ref, base, torch.float32)
+        via_probs = torch.einsum("hmn,nhd->mhd", p.double(), v[keys].double())
+        assert_close("out vs probs @ v", out[rows], via_probs,
+                     tolerance(ref.out[0], base.out[0], torch.float32))
+
+
+def _call(dev, **over):
+    q, k, v, cu_q, cu_k = packed([5, 7], [6, 8], 2, 2, 16, torch.float16, dev)
+    args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=7,
+                max_seqlen_k=8)
+    args.update({name: (f(args) if callable(f) else f) for name, f in over.items()})
+    return flashtile.flash_attn_varlen_func(**args)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(cu_seqlens_q=lambda a: a["cu_seqlens_q"].long()), ValueError,
+     r"cu_seqlens_q must be a 1-D int32 tensor"),
+    (dict(cu_seqlens_q=lambda a: torch.tensor([0, 5, 11], dtype=torch.int32,
+                                              device=a["q"].device)), ValueError,
+     r"cu_seqlens_q must start at 0, never decrease and end at 12"),
+    (dict(cu_seqlens_k=lambda a: torch.tensor([0, 14], dtype=torch.int32,
+                                              device=a["q"].device)), ValueError,
+     r"cu_seqlens_k must start at 0, never decrease and end at 14|cu_seqlens_k has 2 entries"),
+    (dict(max_seqlen_q=6), ValueError, r"max_seqlen_q must be an int of at least the longest "
+                                       r"sequence \(7\), got 6"),
+    (dict(q=lambda a: a["q"][None]), ValueError, r"q must have 3 dimensions"),
+    (dict(alibi_slopes=lambda a: torch.ones(3, 2, device=a["q"].device)), ValueError,
+     r"alibi_slopes must have shape \(2,\) or \(2, 2\)"),
+], ids=["int64_cu", "cu_not_ending_at_total", "cu_lengths_differ", "max_too_small", "rank",
+        "alibi_batch"])
+def test_varlen_bad_input_is_named(over, exc, match, dev):
+    with pytest.raises(exc, match=match):
+        _call(dev, **over)
