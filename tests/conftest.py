@@ -32,7 +32,8 @@ def dev():
 
 # Modules whose many flag combinations would each autotune on a GPU: they run the first
 # candidate config of each head dim instead (configs.autotuning). test_attention keeps tuning.
-UNTUNED_MODULES = {"test_features", "test_masks", "test_interface", "test_varlen"}
+UNTUNED_MODULES = {"test_features", "test_masks", "test_interface", "test_varlen",
+                   "test_kvcache"}
 
 
 @pytest.fixture(autouse=True)

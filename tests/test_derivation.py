@@ -891,3 +891,27 @@ def test_modified_tiled_algorithm(case):
     for got, got_full, want in zip(grads, grads_full, (Qr.grad, Kr.grad, Vr.grad)):
         assert torch.equal(got, got_full)  # a skipped tile would have added exact zeros
         torch.testing.assert_close(got, want, **TOL)
+
+
+def test_split_kv_combine_is_exact():
+    """§16: partial (O_s, LSE_s) over disjoint key chunks combine to the full O and LSE."""
+    from flashtile.kernels.forward import combine_splits
+
+    B, H, Nq, Nk, D = 2, 3, 4, 50, 8
+    S = torch.randn(B, H, Nq, Nk, dtype=torch.float64) * 3
+    V = torch.randn(B, H, Nk, D, dtype=torch.float64)
+    S[0, 0, 0] = float("-inf")  # a row that sees nothing
+    S[1, :, :, 20:35] = float("-inf")  # a chunk that sees nothing
+    chunks = [slice(0, 20), slice(20, 35), slice(35, 50)]
+    lse_s, out_s = [], []
+    for c in chunks:
+        lse = torch.logsumexp(S[..., c], -1)
+        p = torch.exp(S[..., c] - torch.where(lse == float("-inf"), 0.0, lse)[..., None])
+        lse_s.append(lse)
+        out_s.append((p @ V[:, :, c]).transpose(1, 2))  # (B, Nq, H, D), the kernel's layout
+    out, lse = combine_splits(torch.stack(out_s), torch.stack(lse_s), torch.float64)
+    want_lse = torch.logsumexp(S, -1)
+    P = torch.exp(S - torch.where(want_lse == float("-inf"), 0.0, want_lse)[..., None])
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, (P @ V).transpose(1, 2), rtol=0, atol=1e-12)
+    assert bool((out[0, 0, 0] == 0).all()) and lse[0, 0, 0] == float("-inf")

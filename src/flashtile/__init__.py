@@ -16,10 +16,11 @@ from flashtile import masks  # noqa: E402
 from flashtile.interface import (  # noqa: E402
     flash_attn_func,
     flash_attn_varlen_func,
+    flash_attn_with_kvcache,
     scaled_dot_product_attention,
 )
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "masks",
-           "scaled_dot_product_attention"]
+__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
+           "masks", "scaled_dot_product_attention"]

@@ -390,6 +390,162 @@ def flash_attn_varlen_func(
     return (out, lse) if return_lse else out
 
 
+def _int32_vector(name: str, t, length: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32 or tuple(t.shape) != (length,):
+        raise ValueError(f"{name} must be an int32 tensor of shape ({length},), got {t.dtype} "
+                         f"of shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    return t
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | int | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+):
+    """Attention against a KV cache, FlashAttention-2's signature and semantics (inference: no
+    gradient).
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim).
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with block_table
+            a paged cache (num_blocks, page_size, nheads_k, headdim), page_size a multiple of 16.
+        k, v: optional new keys/values (batch, seqlen_new, nheads_k, headdim), written in place
+            into the cache at positions cache_seqlens .. cache_seqlens + seqlen_new - 1 before
+            the attention.
+        cache_seqlens: the cache's valid length per batch entry before the append: an int, or
+            (batch,) int32; None means the whole cache.
+        cache_batch_idx: (batch,) int32, which cache row each entry uses (default 0..batch-1).
+        block_table: (batch, max_pages) int32 page indices of each entry's cache.
+        causal, window_size: aligned to the bottom-right of each entry's (seqlen_q, valid
+            length) score matrix. softmax_scale, softcap, alibi_slopes as in flash_attn_func.
+        num_splits: split-KV (flash-decoding): each row's keys are cut into this many chunks,
+            run by separate programs and combined by their log-sum-exp. 0 chooses: on a GPU,
+            enough splits to give every SM about two programs when batch · heads · query
+            blocks are fewer (chunks of at least 256 keys); 1 never splits.
+        return_softmax_lse: also return lse (batch, nheads, seqlen_q).
+    """
+    _check_tensors(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), 4,
+                   "(batch, seqlen, nheads, headdim)")
+    batch, seqlen_q, nheads, head_dim = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.shape[3] != head_dim:
+            raise ValueError(f"{name} has head dim {t.shape[3]} but q has {head_dim}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has "
+                         f"{tuple(k_cache.shape)}; they must match")
+    nheads_k = k_cache.shape[2]
+    if nheads_k == 0 or nheads % nheads_k:
+        raise ValueError(f"q has {nheads} heads, which is not a multiple of k_cache's "
+                         f"{nheads_k}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    device = q.device
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx and block_table cannot be combined")
+        if (not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32
+                or block_table.dim() != 2 or block_table.shape[0] != batch):
+            raise ValueError(f"block_table must be an int32 tensor of shape ({batch}, pages)")
+        if block_table.device != device:
+            raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+        page = k_cache.shape[1]
+        if page % 16:
+            raise ValueError(f"the paged cache's page size (k_cache.shape[1]) must be a multiple "
+                             f"of 16, got {page}")
+        capacity = block_table.shape[1] * page
+        batch_idx = torch.zeros(batch, dtype=torch.int32, device=device)
+    else:
+        page = 0
+        capacity = k_cache.shape[1]
+        batch_idx = (torch.arange(batch, dtype=torch.int32, device=device)
+                     if cache_batch_idx is None
+                     else _int32_vector("cache_batch_idx", cache_batch_idx, batch, device))
+    if cache_seqlens is None:
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    cache_seqlens = _int32_vector("cache_seqlens", cache_seqlens, batch, device)
+    seqlen_new = 0
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new keys and values)")
+    if k is not None:
+        _check_tensors(("q", "k", "v"), (q, k, v), 4, "(batch, seqlen_new, nheads_k, headdim)")
+        if k.shape != v.shape or k.shape[0] != batch or tuple(k.shape[2:]) != (nheads_k,
+                                                                                head_dim):
+            raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {nheads_k}, "
+                             f"{head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
+        seqlen_new = k.shape[1]
+    seqlens_k = cache_seqlens + seqlen_new
+    lengths = seqlens_k.tolist()  # one synchronization: an overflowing append is an error
+    if min(cache_seqlens.tolist(), default=0) < 0 or max(lengths, default=0) > capacity:
+        raise ValueError(f"cache_seqlens + seqlen_new must lie in [0, {capacity}] (the cache's "
+                         f"capacity), got lengths {lengths[:8]}")
+    if seqlen_new:
+        # append in place: rows cache_seqlens .. + seqlen_new of each entry's cache
+        positions = cache_seqlens[:, None].long() + torch.arange(seqlen_new, device=device)
+        with torch.no_grad():
+            if block_table is not None:
+                rows = (block_table.gather(1, positions // page).long() * page
+                        + positions % page).flatten()
+                k_cache.view(-1, nheads_k, head_dim)[rows] = k.reshape(-1, nheads_k, head_dim)
+                v_cache.view(-1, nheads_k, head_dim)[rows] = v.reshape(-1, nheads_k, head_dim)
+            else:
+                k_cache[batch_idx[:, None].long(), positions] = k
+                v_cache[batch_idx[:, None].long(), positions] = v
+    window_left, window_right = _window(window_size)
+    if causal:
+        window_right = 0
+    opts = AttnOptions(
+        softmax_scale=_softmax_scale(softmax_scale, head_dim),
+        diag_offset=0,  # each entry's own: seqlens_k - seqlen_q, in the kernel
+        window_left=window_left,
+        window_right=window_right,
+        softcap=_softcap(softcap),
+        alibi_slopes=_alibi(alibi_slopes, q),
+        kvcache=(seqlens_k.to(torch.int32), batch_idx, block_table, page),
+    )
+    splits = num_splits or _auto_splits(batch * nheads * -(-seqlen_q // 128),
+                                        max(lengths, default=0), device)
+    keys = k_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else k_cache
+    values = v_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else v_cache
+    if q.numel() == 0:
+        out = torch.zeros_like(q)
+        lse = torch.full((batch, nheads, seqlen_q), float("-inf"), device=device)
+    else:
+        with torch.no_grad():
+            out, lse = attention_forward(q, keys, values, opts, num_splits=splits)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _auto_splits(programs: int, longest: int, device: torch.device) -> int:
+    """Split-KV when the (batch, head, query block) programs leave SMs idle: about two programs
+    per SM, chunks of at least 256 keys, at most 64 splits. Never under the interpreter."""
+    if device.type != "cuda" or programs == 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(-(-2 * sms // programs), -(-longest // 256), 64))
+
+
 _warned: set[str] = set()
 
 

@@ -208,3 +208,22 @@ def seq_bounds(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN: t
         q_start = 0
         k_start = 0
     return q_start, k_start, seqlen_q, seqlen_k, diag_offset
+
+
+@triton.jit
+def load_kv(src, BlockTable, start, offs_r, offs_d, stride_r, stride_d, n_rows,
+            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_ROWS: tl.constexpr,
+            USE_TMA: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Key or value rows [start, start + BLOCK) as load_rows does, or from a paged cache
+    (PAGED): logical row r lives in physical row BlockTable[r // PAGE] · PAGE + r % PAGE of
+    `src`; rows past n_rows read nothing and give zeros."""
+    if PAGED:
+        logical = tl.where(offs_r < n_rows, offs_r, 0)
+        rows = tl.load(BlockTable + logical // PAGE).to(tl.int64) * PAGE + logical % PAGE
+        mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+        tile = tl.load(src + rows[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask,
+                       other=0.0)
+    else:
+        tile = load_rows(src, start, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM,
+                         HEAD_DIM_PAD, CHECK_ROWS, USE_TMA)
+    return tile

@@ -24,10 +24,12 @@ FLOAT_ARGS = {"qk_scale", "softcap_scale", "softcap_log2", "dropout_p", "dropout
               "softmax_scale"}
 POINTER_TYPES = {"LSE": "*fp32", "Alibi": "*fp32", "Delta": "*fp32", "KvLists": "*i32",
                  "QLists": "*i32", "MaskData": "*i32", "CuSeqQ": "*i32", "CuSeqK": "*i32",
+                 "SeqlensK": "*i32", "BatchIdx": "*i32", "BlockTable": "*i32",
                  "Out": "*i8", "P": "*fp32"}
 BASE = dict(LOCAL_LEFT=False, LOCAL_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, DROPOUT=False,
             MASK_MOD=None, MASK_DATA=False, MAP_BLOCK_M=16, MAP_BLOCK_N=16, VARLEN=False,
-            DOT_PRECISION="tf32", USE_TMA=False, HEAD_DIM=128, HEAD_DIM_PAD=128)
+            DOT_PRECISION="tf32", USE_TMA=False, HEAD_DIM=128, HEAD_DIM_PAD=128,
+            KV_CACHE=False, PAGED=False, PAGE=16, SPLIT_KV=False)
 # name: (flags over BASE, kernels' blocks (BLOCK_M, BLOCK_N), num_warps, num_stages, dtype)
 VARIANTS = {
     "plain": ({}, (128, 64), 8, 3, "bf16"),
@@ -38,6 +40,9 @@ VARIANTS = {
                        "bf16"),
     "document_mask": (dict(MASK_MOD=masks._document, MASK_DATA=True, MAP_BLOCK_M=128,
                            MAP_BLOCK_N=128), (64, 64), 4, 3, "bf16"),
+    "kvcache_paged_split": (dict(KV_CACHE=True, PAGED=True, PAGE=64, SPLIT_KV=True,
+                                 LOCAL_RIGHT=True), (64, 64), 4, 2, "bf16"),
+    "kvcache_tma": (dict(KV_CACHE=True, USE_TMA=True), (128, 64), 8, 3, "bf16"),
     "fp32_d512": (dict(DOT_PRECISION="ieee", HEAD_DIM=320, HEAD_DIM_PAD=512), (16, 16), 4, 1,
                   "fp32"),
 }

@@ -170,11 +170,11 @@ class Tunable:
     launch: the kernel with a fixed config (interpreter, override, FLASHTILE_AUTOTUNE=0), else
     the autotuner over `tuning_space(name)`, keyed by TUNING_KEY."""
 
-    def __init__(self, name: str, kernel):
+    def __init__(self, name: str, kernel, extra_key: tuple[str, ...] = ()):
         self.name = name
         self.kernel = kernel
         self.tuned = triton.autotune(
-            tuning_space(name), key=TUNING_KEY, cache_results=True,
+            tuning_space(name), key=TUNING_KEY + list(extra_key), cache_results=True,
             prune_configs_by={"early_config_prune": pruner(name)})(kernel)
 
     def select(self, head_dim_padded: int, precision: str):

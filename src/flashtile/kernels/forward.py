@@ -34,7 +34,7 @@ from flashtile.kernels.common import (
     block_start,
     dropout_keep,
     list_length,
-    load_rows,
+    load_kv,
     load_tile,
     query_block_start,
     row_source,
@@ -48,7 +48,7 @@ from flashtile.kernels.params import AttnOptions
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
-    K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+    K_src, V_src, BlockTable, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, block_lo, block_hi, List, off_b, off_h, MaskData, mask_data_stride,
     seqlen_q, seqlen_k,
     diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
@@ -58,7 +58,7 @@ def _attn_fwd_inner(
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
     """Key blocks starting at block_lo, block_lo + STEP, ... < block_hi (dense: positions,
     STEP = BLOCK_N), or with SPARSE (STEP = 1) the blocks of a mask's block list `List`;
@@ -68,10 +68,10 @@ def _attn_fwd_inner(
         start_n = block_start(j, List, BLOCK_N, MAP_BLOCK_N, SPARSE)
         offs_n = start_n + offs_n0
         # k, v: (BLOCK_N, HEAD_DIM_PAD)
-        k = load_rows(K_src, start_n, offs_n, offs_d, stride_kn, stride_kd, seqlen_k,
-                      HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
-        v = load_rows(V_src, start_n, offs_n, offs_d, stride_vn, stride_vd, seqlen_k,
-                      HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
+        k = load_kv(K_src, BlockTable, start_n, offs_n, offs_d, stride_kn, stride_kd, seqlen_k,
+                    HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA, PAGED, PAGE)
+        v = load_kv(V_src, BlockTable, start_n, offs_n, offs_d, stride_vn, stride_vd, seqlen_k,
+                    HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA, PAGED, PAGE)
         # -- scores, in log2 units --
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = scores_log2(qk, offs_m[:, None], offs_n[None, :], diag_offset, qk_scale,
@@ -103,13 +103,14 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, Alibi, KvLists, MaskData, CuSeqQ, CuSeqK,
+    Q, K, V, O, LSE, Alibi, KvLists, MaskData, CuSeqQ, CuSeqK, SeqlensK, BatchIdx, BlockTable,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ab,
-    stride_mapb, stride_maph, stride_mapr, stride_mapk, mask_data_stride,
+    stride_mapb, stride_maph, stride_mapr, stride_mapk, mask_data_stride, stride_btb,
+    stride_os, stride_ls, num_splits,
     nheads, group, seqlen_q, seqlen_k,
     diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
     dropout_p, dropout_scale, seed,
@@ -121,6 +122,7 @@ def _attn_fwd(
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr,
     MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    KV_CACHE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, SPLIT_KV: tl.constexpr,
 ):
     start_m = query_block_start(BLOCK_M, LOCAL_RIGHT)
     off_bh = tl.program_id(1)
@@ -134,15 +136,22 @@ def _attn_fwd(
     # -- packed variable-length batches: this entry's rows and lengths --
     q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
         CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
+    # -- a KV cache: this entry's valid length, its cache row, its page table --
+    kv_b = off_b
+    if KV_CACHE:
+        seqlen_k = tl.load(SeqlensK + off_b)
+        diag_offset = seqlen_k - seqlen_q
+        kv_b = tl.load(BatchIdx + off_b).to(tl.int64)
+    BlockTable_b = BlockTable + off_b * stride_btb
     # a program past its sequence's end visits no key (seqlen_k of 0 for the block ranges)
     keys_visited = seqlen_k
     if VARLEN:
         keys_visited = tl.where(start_m < seqlen_q, seqlen_k, 0)
 
     Q_block = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
-    K_src = row_source(K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
+    K_src = row_source(K + kv_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
                        seqlen_k, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    V_src = row_source(V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
+    V_src = row_source(V + kv_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
                        seqlen_k, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     q = load_tile(Q_block, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, HEAD_DIM,
                   CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
@@ -162,60 +171,78 @@ def _attn_fwd(
         n_full = list_length(FullList, BLOCK_N, MAP_BLOCK_N)
         n_part = list_length(PartList, BLOCK_N, MAP_BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
+                stride_vd,
             offs_m, offs_d, 0, n_full, FullList, off_b, off_h, MaskData, mask_data_stride,
             seqlen_q, seqlen_k,
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
             DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, False, DOT_PRECISION,
-            USE_TMA)
+            USE_TMA, PAGED, PAGE)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
+                stride_vd,
             offs_m, offs_d, 0, n_part, PartList, off_b, off_h, MaskData, mask_data_stride,
             seqlen_q, seqlen_k,
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
             DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, True, DOT_PRECISION,
-            USE_TMA)
+            USE_TMA, PAGED, PAGE)
     else:
         # -- key blocks: masked [a, b), unmasked [b, c), masked [c, hi); the rest skipped --
         a, b, c, hi = block_ranges(start_m, keys_visited, diag_offset, window_left,
                                    window_right, BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
+        if SPLIT_KV:
+            # -- split-KV: this program's share of the keys, whole blocks; each range is cut
+            # to it (clamping keeps a <= b <= c <= hi, so masked stays masked) --
+            chunk = tl.cdiv(tl.cdiv(seqlen_k, num_splits), BLOCK_N) * BLOCK_N
+            split_lo = tl.program_id(2) * chunk
+            split_hi = split_lo + chunk
+            a = tl.minimum(tl.maximum(a, split_lo), split_hi)
+            b = tl.minimum(tl.maximum(b, split_lo), split_hi)
+            c = tl.minimum(tl.maximum(c, split_lo), split_hi)
+            hi = tl.minimum(tl.maximum(hi, split_lo), split_hi)
         if LOCAL_LEFT:  # the window's left edge: no such range without one
             acc, l_i, m_i = _attn_fwd_inner(
-                acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+                acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
+                stride_vd,
                 offs_m, offs_d, a, b, KvLists, off_b, off_h, MaskData, mask_data_stride,
                 seqlen_q, seqlen_k,
                 diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
                 DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION,
-                USE_TMA)
+                USE_TMA, PAGED, PAGE)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
+                stride_vd,
             offs_m, offs_d, b, c, KvLists, off_b, off_h, MaskData, mask_data_stride,
             seqlen_q, seqlen_k,
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
             DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, False, DOT_PRECISION,
-            USE_TMA)
+            USE_TMA, PAGED, PAGE)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
+                stride_vd,
             offs_m, offs_d, c, hi, KvLists, off_b, off_h, MaskData, mask_data_stride,
             seqlen_q, seqlen_k,
             diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
             DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION,
-            USE_TMA)
+            USE_TMA, PAGED, PAGE)
 
     # -- epilogue: normalize; a row that saw nothing gives O = 0, LSE = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    if SPLIT_KV:  # one partial (O, LSE) per split, combined by the launcher
+        LSE += tl.program_id(2).to(tl.int64) * stride_ls
+        O += tl.program_id(2).to(tl.int64) * stride_os
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, lse,
              mask=offs_m < seqlen_q)
     O_block = O + off_b * stride_ob + off_h * stride_oh + q_start * stride_om
@@ -224,39 +251,67 @@ def _attn_fwd(
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
-_attn_fwd_tunable = configs.Tunable("fwd", _attn_fwd)
+_attn_fwd_tunable = configs.Tunable("fwd", _attn_fwd,
+                                    extra_key=("KV_CACHE", "PAGED", "PAGE", "SPLIT_KV"))
 
 
-def attention_forward(q, k, v, opts: AttnOptions):
+def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1):
     """Launch the forward. q: (B, Nq, H, D), k, v: (B, Nk, H_k, D), H % H_k == 0, any strides.
 
+    num_splits > 1 (KV caches: split-KV, flash-decoding) cuts every row's keys into that many
+    chunks, one program each, and combines the partial results by their LSE.
     Returns out (B, Nq, H, D) in q's dtype, with q's memory layout, and lse (B, H, Nq) float32,
     natural log. Inputs are assumed validated (interface.py).
     """
     _, _, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     batch, seqlen_q, seqlen_k = opts.problem(q, k)
-    out = torch.empty_like(q)
+    split = num_splits > 1
     # (B, H, Nq); with varlen (1, H, total_q), each sequence's rows at its offset
-    lse = torch.empty(q.shape[0], nheads, q.shape[1], device=q.device, dtype=torch.float32)
-    alibi, stride_ab = opts.alibi(lse)
-    cu_q, cu_k = opts.cu_seqlens(lse)
-    kv_lists, mask_data, *mask_strides = opts.mask_args("kv", lse)
+    if split:  # partial results, fp32, one per split
+        out = torch.empty(num_splits, *q.shape, device=q.device, dtype=torch.float32)
+        lse = torch.empty(num_splits, q.shape[0], nheads, q.shape[1], device=q.device,
+                          dtype=torch.float32)
+        out_k, lse_k = out[0], lse[0]  # what the kernel indexes; splits by stride
+    else:
+        out_k = out = torch.empty_like(q)
+        lse_k = lse = torch.empty(q.shape[0], nheads, q.shape[1], device=q.device,
+                                  dtype=torch.float32)
+    alibi, stride_ab = opts.alibi(lse_k)
+    cu_q, cu_k = opts.cu_seqlens(lse_k)
+    kv_lists, mask_data, *mask_strides = opts.mask_args("kv", lse_k)
+    seqlens_k, batch_idx, block_table, stride_btb = opts.kv_args(lse_k)
+    kv_flags = opts.kv_flags()
+    use_tma = configs.use_tma("forward", k, v) and not kv_flags["PAGED"]
     kernel, launch = _attn_fwd_tunable.select(configs.head_dim_pad(head_dim),
-                                         configs.dot_precision(q.dtype))
+                                              configs.dot_precision(q.dtype))
 
     def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads, num_splits)
 
     kernel[grid](
-        q, k, v, out, lse, alibi, kv_lists, mask_data, cu_q, cu_k,
-        *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(out),
-        opts.strides(lse)[0], lse.stride(1), stride_ab, *mask_strides,
+        q, k, v, out_k, lse_k, alibi, kv_lists, mask_data, cu_q, cu_k, seqlens_k, batch_idx,
+        block_table,
+        *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(out_k),
+        opts.strides(lse_k)[0], lse_k.stride(1), stride_ab, *mask_strides, stride_btb,
+        out.stride(0) if split else 0, lse.stride(0) if split else 0, num_splits,
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, *opts.scalars(),
         configs.seqlen_bucket(seqlen_q, seqlen_k),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim), **opts.flags(),
         **opts.mask_flags(),
-        DOT_PRECISION=configs.dot_precision(q.dtype), USE_TMA=configs.use_tma("forward", k, v),
-        **launch,
+        DOT_PRECISION=configs.dot_precision(q.dtype), USE_TMA=use_tma, **kv_flags,
+        SPLIT_KV=split, **launch,
     )
-    return out, lse
+    if not split:
+        return out, lse
+    return combine_splits(out, lse, q.dtype)
+
+
+def combine_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
+    """Partial results (S, B, Nq, H, D), (S, B, H, Nq) of disjoint key chunks -> out, lse:
+    LSE = log Σ_s exp(LSE_s), O = Σ_s exp(LSE_s - LSE) O_s (a split that saw no key has
+    LSE_s = -inf and weight 0; a row that saw none anywhere gives 0 and -inf)."""
+    total = torch.logsumexp(lse, dim=0)  # (B, H, Nq)
+    weight = torch.exp(lse - torch.where(total == float("-inf"), 0.0, total))  # (S, B, H, Nq)
+    combined = (out * weight.permute(0, 1, 3, 2)[..., None]).sum(0)
+    return combined.to(dtype), total

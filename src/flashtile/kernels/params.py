@@ -32,6 +32,9 @@ class AttnOptions:
     deterministic: accepted for FlashAttention-2 compatibility; the backward always is.
     mask_mod, lists: a mask predicate (masks.MaskMod) and its block lists for this call
         (kernels/blockmap.py).
+    kvcache: a KV cache, (seqlens_k (batch,) int32, batch_idx (batch,) int32, block_table
+        (batch, pages) int32 or None, page size): each entry sees its first seqlens_k keys of
+        cache row batch_idx (or of its pages), its diagonal bottom-right at that length.
     varlen: packed variable-length batches, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k): the tensors are then (1, total, heads, headdim) and each sequence's
         diagonal is its own bottom-right one.
@@ -49,6 +52,7 @@ class AttnOptions:
     mask_mod: object = None
     lists: object = None
     varlen: tuple | None = None
+    kvcache: tuple | None = None
 
     @property
     def causal(self) -> bool:
@@ -87,6 +91,20 @@ class AttnOptions:
         """A tensor's strides for the kernels: with varlen, no batch stride (every sequence
         finds its rows through the cumulative lengths)."""
         return (0, *t.stride()[1:]) if self.varlen is not None else tuple(t.stride())
+
+    def kv_args(self, placeholder: torch.Tensor) -> tuple:
+        """SeqlensK, BatchIdx, BlockTable, stride_btb for the forward kernel."""
+        if self.kvcache is None:
+            return placeholder, placeholder, placeholder, 0
+        seqlens_k, batch_idx, block_table, _ = self.kvcache
+        if block_table is None:
+            return seqlens_k, batch_idx, placeholder, 0
+        return seqlens_k, batch_idx, block_table, block_table.stride(0)
+
+    def kv_flags(self) -> dict:
+        paged = self.kvcache is not None and self.kvcache[2] is not None
+        return dict(KV_CACHE=self.kvcache is not None, PAGED=paged,
+                    PAGE=self.kvcache[3] if paged else 16)
 
     def cu_seqlens(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.varlen is None:
