@@ -82,3 +82,20 @@ def test_use_tma_follows_layout_and_flag(monkeypatch):
     assert not configs.use_tma("forward", torch.randn(2, 33, 3, 8, dtype=torch.float16))
     monkeypatch.setitem(configs.features, "tma_forward", False)
     assert not configs.use_tma("forward", x)
+
+
+def test_decode_candidates_are_tuned_for_the_kv_cache_forward():
+    """The forward against a KV cache tunes over 16-row query blocks; other kernels and fp32
+    keep their lists; every decode candidate is in the forward's tuning space."""
+    decode = configs.candidates("fwd", 128, "tf32", decode=True)
+    assert decode and all(m in (16, 64) for m, *_ in decode) and decode[0][0] == 16
+    assert configs.candidates("bwd_dq", 128, "tf32", decode=True) == configs.candidates(
+        "bwd_dq", 128, "tf32")
+    assert configs.candidates("fwd", 128, "ieee", decode=True) == configs.candidates(
+        "fwd", 128, "ieee")
+    space = {configs._tag(c) for c in configs.tuning_space("fwd")}
+    assert set(decode) <= space
+    prune = configs.pruner("fwd")
+    kept = prune(configs.tuning_space("fwd"), {}, HEAD_DIM=128, HEAD_DIM_PAD=128,
+                 DOT_PRECISION="tf32", KV_CACHE=True)
+    assert {configs._tag(c) for c in kept} == set(decode)

@@ -43,6 +43,8 @@ VARIANTS = {
     "kvcache_paged_split": (dict(KV_CACHE=True, PAGED=True, PAGE=64, SPLIT_KV=True,
                                  LOCAL_RIGHT=True), (64, 64), 4, 2, "bf16"),
     "kvcache_tma": (dict(KV_CACHE=True, USE_TMA=True), (128, 64), 8, 3, "bf16"),
+    "decode_block16": (dict(KV_CACHE=True, SPLIT_KV=True, USE_TMA=True), (16, 128), 4, 2,
+                       "bf16"),
     "fp32_d512": (dict(DOT_PRECISION="ieee", HEAD_DIM=320, HEAD_DIM_PAD=512), (16, 16), 4, 1,
                   "fp32"),
 }

@@ -125,6 +125,17 @@ _CANDIDATES_FP32: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 }
 
 
+# Decoding against a KV cache (the forward with KV_CACHE): a few query rows per program, so
+# BLOCK_M = 16, the smallest tl.dot tile, and long key blocks. Not yet measured on the H100
+# (docs/performance.md, v5).
+_CANDIDATES_DECODE: dict[int, list[tuple[int, int, int, int]]] = {
+    64: [(16, 64, 4, 3), (16, 128, 4, 3), (64, 64, 4, 3)],
+    128: [(16, 64, 4, 3), (16, 128, 4, 2), (16, 128, 8, 3), (64, 64, 4, 3)],
+    256: [(16, 32, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2)],
+    512: [(16, 16, 4, 1), (16, 32, 4, 1)],
+}
+
+
 def _tag(config: triton.Config) -> tuple:
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
             config.num_stages)
@@ -132,16 +143,23 @@ def _tag(config: triton.Config) -> tuple:
 
 def tuning_space(kernel: str) -> list[triton.Config]:
     """Every candidate of a kernel, all head dims together; `prune` keeps the relevant ones."""
-    tags = {t for table in (_CANDIDATES, _CANDIDATES_FP32)
-            for per_dim in table[kernel].values() for t in per_dim}
+    tables = [_CANDIDATES[kernel], _CANDIDATES_FP32[kernel]]
+    if kernel == "fwd":
+        tables.append(_CANDIDATES_DECODE)
+    tags = {t for table in tables for per_dim in table.values() for t in per_dim}
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in sorted(tags)]
 
 
-def candidates(kernel: str, head_dim_padded: int, precision: str) -> list[tuple]:
+def candidates(kernel: str, head_dim_padded: int, precision: str,
+               decode: bool = False) -> list[tuple]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for a padded head dim: those
-    listed for the smallest listed head dim that covers it."""
-    table = (_CANDIDATES_FP32 if precision == "ieee" else _CANDIDATES)[kernel]
+    listed for the smallest listed head dim that covers it (decode: the forward against a KV
+    cache, in 16-bit dtypes)."""
+    if decode and kernel == "fwd" and precision != "ieee":
+        table = _CANDIDATES_DECODE
+    else:
+        table = (_CANDIDATES_FP32 if precision == "ieee" else _CANDIDATES)[kernel]
     dims = sorted(table)
     return table[next((d for d in dims if d >= head_dim_padded), dims[-1])]
 
@@ -151,7 +169,8 @@ def pruner(kernel: str):
     logging once per key that tuning is under way."""
 
     def prune(configs, named_args, **kwargs):
-        wanted = set(candidates(kernel, kwargs["HEAD_DIM_PAD"], kwargs["DOT_PRECISION"]))
+        wanted = set(candidates(kernel, kwargs["HEAD_DIM_PAD"], kwargs["DOT_PRECISION"],
+                                decode=bool(kwargs.get("KV_CACHE", False))))
         kept = [c for c in configs if _tag(c) in wanted]
         log.info("flashtile: autotuning %s for head dim %d over %d configs (once per shape "
                  "bucket; cached on disk)", kernel, kwargs["HEAD_DIM"], len(kept))
