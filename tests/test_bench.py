@@ -510,3 +510,535 @@ def test_run_features_walks_every_case_and_writes_reports(monkeypatch, tmp_path)
         ("flashtile", "failed", None), ("flex", "ok", None)}
     bad = parse_args(["--features", "--providers", "sdpa-cudnn"])
     assert features.run_features(bad, META, tmp_path, torch.float32, preset, lines.append) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# --decode (bench/decode.py) and --varlen (bench/varlen.py): issue 5. The presets, the cases and
+# their byte / pair counts, the harnesses with torch's own CPU attention standing in for the
+# kernels and a stand-in timer, and the reports from made-up times. No Triton kernel runs here.
+
+import torch.nn.functional as F  # noqa: E402
+
+from flashtile.bench import decode, varlen  # noqa: E402
+from flashtile.bench import run as bench_run  # noqa: E402
+from flashtile.bench.decode import DecodeCase, DecodeResult  # noqa: E402
+from flashtile.bench.varlen import Packing, VarlenCase, VarlenResult  # noqa: E402
+
+
+def _fake_do_bench(monkeypatch, ms=2.0):
+    def do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        fn()
+        return ms
+
+    monkeypatch.setattr(measure, "do_bench", do_bench)
+
+
+def test_decode_and_varlen_are_presets_beside_features(capsys):
+    args = parse_args(["--decode"])
+    assert args.decode and not (args.varlen or args.features or args.quick or args.long)
+    args = parse_args(["--decode", "--batches", "1,64", "--seqlens", "1k,128k", "--providers",
+                       "flashtile-paged,sdpa"])
+    assert (args.batches, args.seqlens, args.providers) == (
+        [1, 64], [1024, 131072], ["flashtile-paged", "sdpa"])
+    args = parse_args(["--varlen", "--modes", "fwd", "--providers", "flashtile-varlen"])
+    assert args.varlen and args.modes == ["fwd"] and args.providers == ["flashtile-varlen"]
+    for pair in (["--decode", "--varlen"], ["--varlen", "--features"], ["--decode", "--quick"]):
+        with pytest.raises(SystemExit):
+            parse_args(pair)
+        assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--decode", "--providers", "flashtile-pagd"])
+    assert "unknown flashtile-pagd" in capsys.readouterr().err
+    dec, var = PRESETS["decode"], PRESETS["varlen"]
+    assert (dec.dims, dec.seqlens, dec.modes, dec.heads) == ((128,), (1024, 16384, 131072),
+                                                             ("fwd",), 32)
+    assert dec.providers == ("sdpa", "flashtile", "flashtile-paged")
+    assert (var.dims, var.seqlens, var.modes, var.heads) == ((128,), (32768,),
+                                                             ("fwd", "bwd", "fwdbwd"), 16)
+    assert var.providers == ("flashtile-varlen", "flashtile-padded", "sdpa-padded")
+
+
+@pytest.mark.parametrize("flag", ["--decode", "--varlen"])
+def test_decode_and_varlen_without_gpu_exit_2(monkeypatch, capsys, flag):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([flag]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert cli_main(["bench", flag]) == 2
+
+
+def test_providers_outside_a_presets_set_exit_2(monkeypatch, capsys):
+    """The dispatch, with the GPU's part stubbed: each preset refuses another's providers
+    before it allocates anything."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_run, "metadata", lambda argv, dtype, preset: dict(META))
+    monkeypatch.setattr(bench_run, "ceilings", lambda warmup, rep: META["ceilings"])
+    assert main(["--providers", "flashtile-paged"]) == 2
+    assert "not in the grid's providers" in capsys.readouterr().out
+    assert main(["--decode", "--providers", "sdpa-padded"]) == 2
+    assert "not in the decode set" in capsys.readouterr().out
+    assert main(["--varlen", "--providers", "flashtile-paged"]) == 2
+    assert "not in the varlen set" in capsys.readouterr().out
+
+
+# -- decode: cases and bytes
+
+
+def test_decode_cases_and_their_bytes():
+    cases = decode.decode_cases()
+    assert [(c.cache_len, c.batch) for c in cases] == [
+        (n, b) for n in (1024, 16384, 131072) for b in (1, 8, 64)]
+    assert {(c.heads, c.kv_heads, c.head_dim, c.page, c.itemsize, c.group) for c in cases} == {
+        (32, 4, 128, 256, 2, 8)}
+    small, big = cases[0], cases[-1]
+    assert small.kv_bytes() == 1024 * 4 * 128 * 2 * 2 == 2 * 2**20
+    assert big.kv_bytes() == 64 * 131072 * 4 * 128 * 2 * 2 == 16 * 2**30
+    assert big.paged_bytes() == big.kv_bytes() and big.pages_per_entry() == 512
+    assert big.expanded_bytes() == 8 * big.kv_bytes()
+    odd = DecodeCase(3, 1000, page=256)  # 4 pages, the last one 232 tokens full
+    assert odd.pages_per_entry() == 4 and odd.paged_bytes() == 3 * 1024 * 4 * 128 * 2 * 2
+    # Every default case fits in 60 GiB with its paged copy; SDPA's expansion would not at
+    # the largest, so there SDPA must use enable_gqa (or be skipped).
+    assert all(decode.fits(c) for c in cases)
+    assert all(decode.case_memory(c, "flashtile-paged") <= decode.MEMORY_BUDGET for c in cases)
+    assert decode.case_memory(big, "sdpa", expand=True) == 9 * 16 * 2**30
+    assert decode.case_memory(big, "sdpa") == decode.case_memory(big, "flashtile") == 16 * 2**30
+    assert not decode.fits(big, budget=16 * 2**30)
+    # 16 GiB in 10 ms: 1.718e12 B/s
+    assert big.gbps(10.0) == pytest.approx(16 * 2**30 / 1e-2 / 1e9)
+    assert DecodeCase(1, 1024, itemsize=4).kv_bytes() == 2 * small.kv_bytes()
+    with pytest.raises(ValueError, match="not a multiple"):
+        decode.decode_cases(heads=30, kv_heads=4)
+
+
+@pytest.mark.parametrize("cache_len", [48, 40])
+def test_paged_copy_puts_every_token_on_its_page(cache_len):
+    case = DecodeCase(3, cache_len, heads=4, kv_heads=2, head_dim=8, page=16, itemsize=4)
+    cache = torch.randn(3, cache_len, 2, 8)
+    table = decode.shuffled_block_table(3, case.pages_per_entry())
+    assert table.dtype == torch.int32 and table.shape == (3, 3)
+    assert sorted(table.flatten().tolist()) == list(range(9))
+    assert torch.equal(table, decode.shuffled_block_table(3, 3))  # seeded
+    assert not torch.equal(table.flatten(), torch.arange(9, dtype=torch.int32))  # shuffled
+    pool = decode.paged_copy(case, cache, table)
+    assert pool.shape == (9, 16, 2, 8)
+    for b in range(3):
+        logical = pool[table[b].long()].reshape(-1, 2, 8)
+        assert torch.equal(logical[:cache_len], cache[b])
+        assert not bool(logical[cache_len:].any())  # rows past the cache are zero
+
+
+# -- decode: the harness, with torch's CPU SDPA as the providers
+
+SMALL_DECODE = DecodeCase(3, 80, heads=8, kv_heads=2, head_dim=16, page=16, itemsize=4)
+
+
+def _decode_inputs(case=SMALL_DECODE):
+    return decode.decode_inputs(case, torch.float32, "cpu")
+
+
+def _wrong_gqa(case, q, k_cache, v_cache, spare):
+    """Query head h on kv head h % H_kv instead of h // group: the check must see it."""
+    qs = q.transpose(1, 2)
+    ks, vs = (t.transpose(1, 2).repeat(1, case.group, 1, 1) for t in (k_cache, v_cache))
+    return lambda: F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2), "wrong"
+
+
+def test_decode_harness_checks_then_times(monkeypatch):
+    _fake_do_bench(monkeypatch)
+    q, k_cache, v_cache = _decode_inputs()
+    lines = []
+    result, out = decode.measure_decode(SMALL_DECODE, "sdpa", decode.sdpa_decode, q, k_cache,
+                                        v_cache, 2**30, 1, 1, log=lines.append)
+    assert (result.status, result.ms, result.us, result.diff) == ("ok", 2.0, 2000.0, None)
+    assert result.gbps == pytest.approx(SMALL_DECODE.kv_bytes() / 2e-3 / 1e9)
+    assert result.check_err <= result.check_tol and "enable_gqa=True" in result.detail
+    assert out.shape == (3, 1, 8, 16) and "check ok" in lines[0]
+    # compared with SDPA's output: a copy passes, an offset one fails and is not timed
+    result, _ = decode.measure_decode(SMALL_DECODE, "flashtile", decode.sdpa_decode, q, k_cache,
+                                      v_cache, 2**30, 1, 1, compare_to=out, log=lines.append)
+    assert result.status == "ok" and result.diff == 0.0
+    result, _ = decode.measure_decode(SMALL_DECODE, "flashtile", decode.sdpa_decode, q, k_cache,
+                                      v_cache, 2**30, 1, 1, compare_to=out + 0.1,
+                                      log=lines.append)
+    assert result.status == "failed" and "SDPA's out" in result.note and result.ms is None
+    result, _ = decode.measure_decode(SMALL_DECODE, "flashtile", _wrong_gqa, q, k_cache,
+                                      v_cache, 2**30, 1, 1, log=lines.append)
+    assert result.status == "failed" and "tolerance" in result.note
+
+
+def test_decode_sdpa_expands_kv_only_where_it_fits(monkeypatch):
+    """Where enable_gqa would run the math backend, k/v are expanded once, if memory allows."""
+    _fake_do_bench(monkeypatch)
+    monkeypatch.setattr(decode, "sdpa_backend",
+                        lambda q, k, v, attn_mask=None, enable_gqa=False:
+                        "math" if enable_gqa else "flash")
+    q, k_cache, v_cache = _decode_inputs()
+    need = SMALL_DECODE.expanded_bytes()
+    result, _ = decode.measure_decode(SMALL_DECODE, "sdpa", decode.sdpa_decode, q, k_cache,
+                                      v_cache, need, 1, 1, log=lambda line: None)
+    assert result.status == "ok" and "expanded to 8 heads" in result.detail
+    result, _ = decode.measure_decode(SMALL_DECODE, "sdpa", decode.sdpa_decode, q, k_cache,
+                                      v_cache, need - 1, 1, 1, log=lambda line: None)
+    assert result.status == "skipped" and "GiB left" in result.note
+    result, _ = decode.measure_decode(SMALL_DECODE, "flashtile-paged",
+                                      decode.flashtile_paged_decode, q, k_cache, v_cache, 0, 1,
+                                      1, log=lambda line: None)
+    assert result.status == "skipped" and "paged copy needs" in result.note
+
+
+# -- decode: reports from made-up times
+
+COPY = META["ceilings"]["copy_gbps"]
+
+
+def _dr(batch, cache_len, provider, us, **fields):
+    case = DecodeCase(batch, cache_len)
+    ms = us * 1e-3
+    return DecodeResult(case, provider, "ok", ms=ms, gbps=case.gbps(ms), check_err=1e-3,
+                        check_tol=4e-3, diff=None if provider == "sdpa" else 1e-3, **fields)
+
+
+def _fake_decode_results():
+    big = DecodeCase(64, 131072)
+    # the 16 GiB case: fraction = 16 GiB / t / copy; at copy 2987.6 GB/s, 0.70 is 8.215 ms
+    return [
+        _dr(1, 1024, "sdpa", 20.0, detail="flash backend, enable_gqa=True"),
+        _dr(1, 1024, "flashtile", 40.0), _dr(1, 1024, "flashtile-paged", 50.0),
+        _dr(64, 131072, "sdpa", 9000.0),
+        _dr(64, 131072, "flashtile", 8000.0),  # 71.9%: meets
+        DecodeResult(big, "flashtile-paged", "failed", check_err=0.5, check_tol=4e-3, diff=0.5,
+                     note="out entry 63: max |diff| too big"),
+    ]
+
+
+def test_decode_summary_and_target():
+    rows = decode.summary(_fake_decode_results(), COPY)
+    assert [(r["batch"], r["cache_len"], r["target"]) for r in rows] == [
+        (1, 1024, None), (64, 131072, 0.7)]
+    small, big = rows[0]["providers"], rows[1]["providers"]
+    assert small["flashtile"]["speed_vs_sdpa"] == pytest.approx(0.5)
+    assert small["flashtile"]["met"] is None  # 1k: the target does not apply
+    assert small["sdpa"]["us"] == pytest.approx(20.0) and "met" not in small["sdpa"]
+    fraction = 16 * 2**30 / 8e-3 / 1e9 / COPY
+    assert big["flashtile"]["copy_fraction"] == pytest.approx(fraction) and fraction > 0.7
+    assert big["flashtile"]["met"] is True and big["flashtile"]["speed_vs_sdpa"] == 1.125
+    assert big["flashtile-paged"] == dict(status="failed", us=None, gbps=None,
+                                          copy_fraction=None, speed_vs_sdpa=None, met=None)
+    assert decode.target_counts(_fake_decode_results(), COPY) == {"flashtile": [1, 1]}
+    slower = [r if r.provider != "flashtile" or r.case.batch == 1
+              else _dr(64, 131072, "flashtile", 8300.0) for r in _fake_decode_results()]
+    assert decode.target_counts(slower, COPY) == {"flashtile": [0, 1]}
+    assert decode.target_counts(_fake_decode_results(), None) == {}  # no ceiling: not judged
+
+
+def test_decode_reports_are_written(tmp_path):
+    results = _fake_decode_results()
+    decode.write_decode_reports(tmp_path, results, META)
+    md = (tmp_path / "decode.md").read_text()
+    table = _cells(md.split("## Times and bandwidth (median)\n\n")[1].split("\n\n")[1])
+    assert table[0] == ["cache", "B", "K+V MiB", "sdpa µs", "flashtile µs", "flashtile-paged µs",
+                        "sdpa GB/s", "flashtile GB/s", "flashtile-paged GB/s", "sdpa % copy",
+                        "flashtile % copy", "flashtile-paged % copy", "flashtile ÷ sdpa",
+                        "flashtile-paged ÷ sdpa", "target", "flashtile meets",
+                        "flashtile-paged meets"]
+    assert table[2] == ["1024", "1", "2", "20.0", "40.0", "50.0", "105", "52", "42", "4%", "2%",
+                        "1%", "0.50", "0.40", "-", "-", "-"]
+    assert table[3] == ["131072", "64", "16,384", "9000.0", "8000.0", "FAIL", "1909", "2147",
+                        "FAIL", "64%", "72%", "FAIL", "1.12", "-", ">= 70%", "yes", "-"]
+    assert "flashtile: met at 1 of 1 cases" in md
+    assert "- flashtile-paged failed at B=64 cache=131072: out entry 63" in md
+    checks = _cells(md.split("## Checks before timing\n\n")[1].split("\n\n")[1])
+    assert checks[2] == ["1024", "1", "sdpa", "1.00e-03", "4.00e-03", "-", "ok",
+                         "flash backend, enable_gqa=True"]
+    assert checks[-1][2:7] == ["flashtile-paged", "5.00e-01", "4.00e-03", "5.00e-01", "FAIL"]
+    assert "device copy 2988 GB/s" in md and "GQA 8:1" in md and "TFLOP/s =" not in md
+    data = json.loads((tmp_path / "decode.json").read_text())
+    assert data["metadata"] == META and len(data["results"]) == 6
+    first = data["results"][0]
+    assert (first["case"]["batch"], first["provider"], first["kv_bytes"]) == (1, "sdpa", 2**21)
+    assert first["us"] == pytest.approx(20.0)
+    assert first["copy_fraction"] == pytest.approx(2**21 / 20e-6 / 1e9 / COPY)
+    assert data["target"] == {"copy_fraction": 0.7, "min_cache_len": 16384,
+                              "met": {"flashtile": {"met": 1, "judged": 1}}}
+    assert data["summary"][1]["providers"]["flashtile"]["met"] is True
+
+
+def test_run_decode_walks_every_case_on_the_cpu(monkeypatch, tmp_path):
+    """run_decode's loop with the GPU's calls stubbed and CPU SDPA as every provider: a case
+    over the memory budget is skipped, the others are checked and timed."""
+    _fake_do_bench(monkeypatch)
+    for name, value in (("empty_cache", lambda: None), ("memory_allocated", lambda: 0),
+                        ("mem_get_info", lambda: (40 * 2**20, 80 * 2**30))):
+        monkeypatch.setattr(torch.cuda, name, value)
+    make_inputs = decode.decode_inputs
+    monkeypatch.setattr(decode, "decode_inputs",
+                        lambda case, dtype: make_inputs(case, dtype, "cpu"))
+    monkeypatch.setattr(decode, "FACTORIES", {p: decode.sdpa_decode for p in decode.PROVIDERS})
+    from flashtile.bench.run import Preset
+
+    preset = Preset(dims=(16,), seqlens=(64,), modes=("fwd",), providers=decode.PROVIDERS,
+                    warmup_ms=1, rep_ms=1, heads=8)
+    args = parse_args(["--decode", "--batches", "1,3", "--seqlens", "64,4k", "--providers",
+                       "flashtile,sdpa"])
+    # 40 MiB free, 1 MiB kept aside; the largest cache, float32: 3 · 4096 · 4 · 16 · 4 · 2 = 6 MiB
+    monkeypatch.setattr(decode, "SAFETY", 2**20)
+    lines = []
+    assert decode.run_decode(args, META, tmp_path, torch.float32, preset, lines.append) == 0
+    data = json.loads((tmp_path / "decode.json").read_text())
+    got = [(r["case"]["cache_len"], r["case"]["batch"], r["provider"], r["status"])
+           for r in data["results"]]
+    assert got == [(n, b, p, "ok") for n in (64, 4096) for b in (1, 3)
+                   for p in ("sdpa", "flashtile")]
+    assert {r["diff"] for r in data["results"] if r["provider"] == "flashtile"} == {0.0}
+    assert "wrote" in lines[-1]
+    # A budget under the largest cache skips it; a flashtile that fails gives exit status 1.
+    monkeypatch.setattr(decode, "MEMORY_BUDGET", 5 * 2**20)
+    monkeypatch.setitem(decode.FACTORIES, "flashtile", _wrong_gqa)
+    assert decode.run_decode(args, META, tmp_path, torch.float32, preset, lines.append) == 1
+    data = json.loads((tmp_path / "decode.json").read_text())
+    statuses = {(r["case"]["cache_len"], r["case"]["batch"], r["provider"]): r["status"]
+                for r in data["results"]}
+    assert statuses[4096, 3, "sdpa"] == statuses[4096, 3, "flashtile"] == "skipped"
+    assert statuses[64, 1, "flashtile"] == "failed" and statuses[64, 1, "sdpa"] == "ok"
+
+
+# -- varlen: the batch and its counts
+
+
+def test_draw_lengths_is_seeded_log_uniform_and_totals_32k():
+    lengths = varlen.draw_lengths()
+    assert lengths == [3851, 2531, 493, 225, 765, 457, 2870, 279, 646, 1085, 5245, 741, 251,
+                       2505, 1286, 216, 5287, 4035]
+    assert sum(lengths) == 32768 and varlen.draw_lengths() == lengths
+    assert varlen.draw_lengths(seed=1) != lengths
+    for total in (64, 100, 5000, 70000):
+        drawn = varlen.draw_lengths(total)
+        assert all(64 <= n <= 8192 for n in drawn)
+        assert total - 64 < sum(drawn) <= total
+    with pytest.raises(ValueError):
+        varlen.draw_lengths(63)
+    p = varlen.packing()
+    assert (p.batch, p.total, p.max_len, p.heads, p.head_dim) == (18, 32768, 5287, 16, 128)
+    assert p.padded_tokens == 18 * 5287
+    assert p.target_speedup(False) == pytest.approx(0.9 * 18 * 5287**2 / sum(
+        n * n for n in lengths))
+
+
+def test_packing_counts_pairs_and_padding():
+    p = Packing((2, 4), heads=3, head_dim=8)
+    assert (p.batch, p.total, p.max_len, p.padded_tokens, p.cu_seqlens()) == (
+        2, 6, 4, 8, [0, 2, 6])
+    assert p.token_padding() == 0.25
+    assert (p.pairs(False), p.padded_pairs(False)) == (4 + 16, 2 * 16)
+    assert (p.pairs(True), p.padded_pairs(True)) == (3 + 10, 2 * 10)
+    assert p.pair_padding(False) == pytest.approx(1 - 20 / 32)
+    assert p.target_speedup(False) == pytest.approx(0.9 / (1 - p.pair_padding(False)))
+    assert p.target_speedup(False) == pytest.approx(0.9 * 32 / 20)
+    assert p.target_speedup(True) == pytest.approx(0.9 * 20 / 13)
+    assert p.flops(False, "fwd") == 4 * 3 * 20 * 8
+    assert p.flops(True, "bwd") == 2.5 * 4 * 3 * 13 * 8
+    equal = Packing((5, 5, 5))
+    assert equal.token_padding() == 0 and equal.pair_padding(True) == 0
+    assert equal.target_speedup(False) == pytest.approx(0.9)
+    case = VarlenCase(p, True)
+    assert case.name == "causal" and case.label() == "causal total=6 B=2 max=4 D=8"
+
+
+def test_padding_helpers():
+    lengths = (2, 4, 1)
+    assert varlen.padding_index(lengths, 4).tolist() == [0, 1, 4, 5, 6, 7, 8]
+    keep = varlen.key_keep(lengths, 4)
+    assert keep.tolist() == [[True, True, False, False], [True] * 4,
+                             [True, False, False, False]]
+    packed = torch.arange(7 * 2, dtype=torch.float32).view(7, 2) + 1
+    padded = varlen.pad(packed, lengths, 4)
+    assert padded.shape == (3, 4, 2) and torch.equal(padded[0, :2], packed[:2])
+    assert torch.equal(padded[2, 0], packed[6]) and not bool(padded[0, 2:].any())
+    assert torch.equal(varlen.unpad(padded, lengths), packed)
+    mask = varlen.sdpa_mask(lengths, 4, causal=False)
+    assert mask.shape == (3, 1, 1, 4) and torch.equal(mask[:, 0, 0], keep)
+    mask = varlen.sdpa_mask(lengths, 4, causal=True)
+    assert mask.shape == (3, 1, 4, 4)
+    assert mask[1, 0].tolist() == torch.ones(4, 4, dtype=torch.bool).tril().tolist()
+    assert mask[0, 0, 3].tolist() == [True, True, False, False]
+    assert bool(mask.any(-1).all())  # no empty row
+    assert varlen.check_sequences([5, 2, 9, 2, 9]) == [1, 2]
+
+
+# -- varlen: the harness, with torch's CPU attention standing in for the kernels
+
+SMALL_PACKING = Packing((5, 17, 40, 9), heads=4, head_dim=16)
+
+
+def _varlen_by_sequence(case, inp):
+    """Attention on each real sequence alone, concatenated: varlen's function."""
+    cu = case.packing.cu_seqlens()
+
+    def forward():
+        outs = [F.scaled_dot_product_attention(
+            *(t[cu[s]:cu[s + 1]].transpose(0, 1) for t in (inp.q, inp.k, inp.v)),
+            is_causal=case.causal).transpose(0, 1) for s in range(case.packing.batch)]
+        return torch.cat(outs)
+
+    return varlen.Setup(forward, [inp.q, inp.k, inp.v], inp.dout, lambda out: out, "per sequence")
+
+
+def _padded_unmasked(case, inp, sees_padding=None):
+    def forward():
+        return F.scaled_dot_product_attention(inp.qp, inp.kp, inp.vp, is_causal=case.causal)
+
+    return varlen.Setup(forward, [inp.qp, inp.kp, inp.vp], inp.doutp,
+                        lambda out: inp.real(out, case.packing.lengths), "padded",
+                        sees_padding=not case.causal if sees_padding is None else sees_padding)
+
+
+def _cpu_inputs(p=SMALL_PACKING):
+    return varlen.varlen_inputs(p, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
+def test_varlen_harness_checks_then_times(monkeypatch, causal):
+    _fake_do_bench(monkeypatch)
+    monkeypatch.setattr(varlen, "CHECK_ROWS", 8)  # the last 8 rows of sequences 0 and 2
+    case = VarlenCase(SMALL_PACKING, causal)
+    inp = _cpu_inputs()
+    assert inp.qp.shape == (4, 4, 40, 16) and inp.q.shape == (71, 4, 16)
+    assert torch.equal(inp.real(inp.qp, SMALL_PACKING.lengths), inp.q)
+    dense = _varlen_by_sequence(case, inp).forward().detach()
+    lines = []
+    for name, factory in (("flashtile-varlen", _varlen_by_sequence),
+                          ("flashtile-padded", _padded_unmasked),
+                          ("sdpa-padded", varlen.sdpa_padded)):
+        results = varlen.measure_varlen(case, name, factory, inp, ["fwd", "bwd"], 1, 1,
+                                        compare_to=dense, log=lines.append)
+        assert [(r.mode, r.status, r.ms) for r in results] == [("fwd", "ok", 2.0),
+                                                               ("bwd", "ok", 2.0)], name
+        assert results[0].tflops == pytest.approx(case.flops("fwd") / 2e-3 / 1e12)
+        assert results[0].check_err <= results[0].check_tol
+        sees_padding = name == "flashtile-padded" and not causal
+        assert (results[0].diff is None) == sees_padding
+    assert "mask (4, 1, " in results[0].detail and "backend" in results[0].detail
+    assert all(t.grad is None for t in (inp.q, inp.qp))
+    # An output that differs from the dense run fails and is not timed.
+    results = varlen.measure_varlen(case, "flashtile-varlen", _varlen_by_sequence, inp, ["fwd"],
+                                    1, 1, compare_to=dense + 0.1, log=lines.append)
+    assert results[0].status == "failed" and "dense's" in results[0].note
+    if not causal:  # the unmasked padded run is not varlen's function: the reference sees it
+        results = varlen.measure_varlen(
+            case, "flashtile-padded", lambda c, i: _padded_unmasked(c, i, sees_padding=False),
+            inp, ["fwd"], 1, 1, log=lines.append)
+        assert results[0].status == "failed" and "tolerance" in results[0].note
+
+
+# -- varlen: reports from made-up times
+
+PACKED = varlen.packing()
+NONCAUSAL, CAUSAL = VarlenCase(PACKED, False), VarlenCase(PACKED, True)
+
+
+def _vr(case, provider, mode, ms):
+    return VarlenResult(case, provider, mode, "ok", ms=ms,
+                        tflops=case.flops(mode) / (ms * 1e-3) / 1e12, check_err=1e-3,
+                        check_tol=4e-3, diff=None if provider == "flashtile-padded" else 1e-3,
+                        detail="efficient backend" if provider == "sdpa-padded" else "")
+
+
+def _fake_varlen_results():
+    return [
+        _vr(NONCAUSAL, "flashtile-varlen", "fwd", 5.0),
+        _vr(NONCAUSAL, "flashtile-padded", "fwd", 25.0),  # 5.0x, target 4.02: met
+        _vr(NONCAUSAL, "sdpa-padded", "fwd", 40.0),
+        _vr(NONCAUSAL, "flashtile-varlen", "bwd", 15.0),
+        _vr(NONCAUSAL, "flashtile-padded", "bwd", 45.0),  # 3.0x: not met
+        VarlenResult(NONCAUSAL, "sdpa-padded", "bwd", "error", note="OutOfMemoryError: CUDA"),
+        _vr(CAUSAL, "flashtile-varlen", "fwd", 3.0),
+        _vr(CAUSAL, "flashtile-padded", "fwd", 13.0),
+        _vr(CAUSAL, "sdpa-padded", "fwd", 30.0),
+    ]
+
+
+def test_varlen_speedups_and_target():
+    found = {(s["case"], s["mode"]): s for s in varlen.speedups(_fake_varlen_results())}
+    assert set(found) == {("non-causal", "fwd"), ("non-causal", "bwd"), ("causal", "fwd")}
+    s = found["non-causal", "fwd"]
+    assert s["speedup"] == 5.0 and s["met"] is True and s["vs_sdpa"] == 8.0
+    assert s["target"] == pytest.approx(PACKED.target_speedup(False))
+    assert s["target"] == pytest.approx(0.9 / (1 - s["pair_padding"]))
+    assert found["non-causal", "bwd"]["met"] is False
+    assert found["non-causal", "bwd"]["vs_sdpa"] is None
+    assert found["causal", "fwd"]["speedup"] == pytest.approx(13 / 3)
+    assert found["causal", "fwd"]["met"] is True  # 4.33 >= 4.02
+
+
+def test_varlen_reports_are_written(tmp_path):
+    results = _fake_varlen_results()
+    varlen.write_varlen_reports(tmp_path, results, META)
+    md = (tmp_path / "varlen.md").read_text()
+    batch = _cells(md.split("## Batch and padding\n\n")[1].split("\n\n")[0])
+    assert batch[0] == ["case", "B", "tokens", "max len", "padded tokens", "token padding",
+                        "pairs / head", "padded pairs / head", "pair padding", "target speedup"]
+    assert batch[2][:6] == ["non-causal", "18", "32768", "5287", "95166", "0.656"]
+    assert batch[2][6:] == [f"{PACKED.pairs(False):,}", f"{18 * 5287**2:,}", "0.776", "4.02"]
+    times = _cells(md.split("## Times (median ms)\n\n")[1].split("\n\n")[1])
+    assert times[0] == ["case", "D", "mode", "flashtile-varlen ms", "flashtile-padded ms",
+                        "sdpa-padded ms", "flashtile-varlen TFLOP/s",
+                        "flashtile-padded TFLOP/s", "sdpa-padded TFLOP/s", "varlen speedup",
+                        "target", "meets", "varlen ÷ sdpa"]
+    assert times[2][:6] == ["non-causal", "128", "fwd", "5.000", "25.000", "40.000"]
+    assert times[2][9:] == ["5.00", ">= 4.02", "yes", "8.00"]
+    assert times[3][5] == "err" and times[3][9:] == ["3.00", ">= 4.02", "NO", "-"]
+    assert times[4][9:] == ["4.33", ">= 4.02", "yes", "10.00"]
+    assert "0.9 · padded pairs / pairs" in md and "3851, 2531, 493" in md
+    assert "- sdpa-padded error at non-causal total=32768 B=18 max=5287 D=128 bwd" in md
+    checks = _cells(md.split("## Checks before timing\n\n")[1].split("\n\n")[1])
+    assert checks[2] == ["non-causal", "128", "flashtile-varlen", "1.00e-03", "4.00e-03",
+                         "1.00e-03", "ok", ""]
+    data = json.loads((tmp_path / "varlen.json").read_text())
+    assert data["metadata"] == META and data["target"]["efficiency"] == 0.9
+    assert [c["name"] for c in data["cases"]] == ["non-causal", "causal"]
+    assert data["cases"][0]["lengths"] == list(PACKED.lengths)
+    assert data["cases"][0]["pair_padding"] == pytest.approx(PACKED.pair_padding(False))
+    assert data["cases"][1]["target_speedup"] == pytest.approx(PACKED.target_speedup(True))
+    assert data["results"][0]["case"] == dict(name="non-causal", causal=False, total=32768,
+                                              batch=18, max_len=5287, heads=16, head_dim=128)
+    assert len(data["results"]) == 9 and len(data["speedups"]) == 3
+
+
+def test_run_varlen_walks_both_cases_on_the_cpu(monkeypatch, tmp_path):
+    _fake_do_bench(monkeypatch)
+    monkeypatch.setattr(varlen, "FACTORIES", {"flashtile-varlen": _varlen_by_sequence,
+                                              "flashtile-padded": _padded_unmasked,
+                                              "sdpa-padded": varlen.sdpa_padded})
+    monkeypatch.setattr(varlen, "dense_check_run",
+                        lambda case, inp: _varlen_by_sequence(case, inp).forward().detach())
+    monkeypatch.setattr(varlen, "CHECK_ROWS", 16)
+    from flashtile.bench.run import Preset
+
+    preset = Preset(dims=(16,), seqlens=(300,), modes=("fwd", "bwd"),
+                    providers=varlen.PROVIDERS, warmup_ms=1, rep_ms=1, heads=2)
+    lines = []
+    args = parse_args(["--varlen"])
+    assert varlen.run_varlen(args, META, tmp_path, torch.float32, preset, lines.append,
+                             device="cpu") == 0
+    data = json.loads((tmp_path / "varlen.json").read_text())
+    assert [(r["case"]["name"], r["provider"], r["mode"], r["status"])
+            for r in data["results"]] == [
+        (c, p, m, "ok") for c in ("non-causal", "causal") for p in varlen.PROVIDERS
+        for m in ("fwd", "bwd")]
+    assert data["cases"][0]["lengths"] == varlen.draw_lengths(300)
+    assert len(data["speedups"]) == 4 and "wrote" in lines[-1]
+    assert any("dense comparison run: check ok" in line for line in lines)
+    # A varlen whose output is off: exit status 1.
+    def wrong(case, inp):
+        setup = _varlen_by_sequence(case, inp)
+        forward = setup.forward
+        setup.forward = lambda: forward() * 1.5
+        return setup
+
+    monkeypatch.setitem(varlen.FACTORIES, "flashtile-varlen", wrong)
+    args = parse_args(["--varlen", "--modes", "fwd", "--providers", "flashtile-varlen"])
+    assert varlen.run_varlen(args, META, tmp_path, torch.float32, preset, lines.append,
+                             device="cpu") == 1
+    args = parse_args(["--varlen", "--seqlens", "10"])
+    assert varlen.run_varlen(args, META, tmp_path, torch.float32, preset, lines.append,
+                             device="cpu") == 2

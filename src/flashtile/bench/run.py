@@ -1,7 +1,8 @@
 """`flashtile bench`: flashtile beside torch's attention backends and FlexAttention (and
 FlashAttention-4 where it is installed), on one GPU, in one run.
 
-    flashtile bench [--quick | --long | --features] [--providers flashtile,sdpa-cudnn]
+    flashtile bench [--quick | --long | --features | --decode | --varlen]
+                    [--providers flashtile,sdpa-cudnn] [--batches 1,8,64]
                     [--dims 64,128] [--seqlens 1k,4k,16k] [--modes fwd,bwd,fwdbwd]
                     [--dtype bfloat16] [--out DIR]
 
@@ -13,8 +14,14 @@ and --providers override what the preset chose. Each provider is checked against
 reference before it is timed. Writes bench.md, bench.json and bench.png to --out (default:
 $OUT if set, else results/). --features measures issue 4's feature cases instead (sliding
 window, GQA and document mask beside full attention, flashtile and FlexAttention:
-bench/features.py) and writes features.md and features.json. Exit status: 0, or 1 when
-flashtile failed its check, or 2 when there is no CUDA GPU.
+bench/features.py) and writes features.md and features.json. --decode measures issue 5's
+decoding step (one query token against a KV cache of 1k to 128k tokens, batch 1 to 64, GQA 8:1:
+flashtile's contiguous and paged caches beside SDPA; --seqlens are cache lengths, --batches the
+batch sizes: bench/decode.py) and writes decode.md and decode.json. --varlen measures issue 5's
+packed training batch (log-uniform lengths 64 to 8192, 32k tokens, or --seqlens totals:
+flash_attn_varlen_func beside the zero-padded dense batch in flashtile and SDPA:
+bench/varlen.py) and writes varlen.md and varlen.json. Exit status: 0, or 1 when flashtile
+failed its check, or 2 when there is no CUDA GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 import triton
 
 import flashtile
+from flashtile.bench import decode, varlen
 from flashtile.bench.measure import MODES, Result, Shape, ceilings, measure_provider
 from flashtile.bench.providers import PROVIDERS
 from flashtile.bench.report import notes, tflops_table, write_reports
@@ -79,7 +87,16 @@ PRESETS = {
     # Issue 4's feature cases (bench/features.py): one 16k sequence of 16 heads, D = 128.
     "features": Preset(dims=(128,), seqlens=(16384,), modes=MODES, providers=("flashtile", "flex"),
                        warmup_ms=50, rep_ms=300, batch=1, heads=16),
+    # Issue 5's decoding step (bench/decode.py): seqlens are cache lengths, batches
+    # decode.BATCHES unless --batches; 32 query heads over 4 kv heads; forward only.
+    "decode": Preset(dims=(128,), seqlens=decode.CACHE_LENS, modes=("fwd",),
+                     providers=decode.PROVIDERS, warmup_ms=25, rep_ms=200, heads=decode.HEADS),
+    # Issue 5's packed batch (bench/varlen.py): seqlens are the batch's total tokens.
+    "varlen": Preset(dims=(128,), seqlens=(varlen.TOTAL_TOKENS,), modes=MODES,
+                     providers=varlen.PROVIDERS, warmup_ms=50, rep_ms=300, heads=varlen.HEADS),
 }
+# What --providers accepts: the grid's providers and those of --decode and --varlen.
+ALL_PROVIDERS = tuple(dict.fromkeys([*PROVIDERS, *decode.PROVIDERS, *varlen.PROVIDERS]))
 
 
 def _ints(text: str) -> list[int]:
@@ -122,8 +139,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="issue 4's feature cases at N=16k, D=128, 16 heads: full attention, "
                         "sliding window 1024, GQA 8:1, 8 documents; flashtile and flex; writes "
                         "features.md/json")
-    parser.add_argument("--providers", type=_names(tuple(PROVIDERS)),
-                        help=f"comma-separated, from {', '.join(PROVIDERS)}")
+    preset.add_argument("--decode", action="store_true",
+                        help="issue 5's decoding step: 1 query token, KV cache of 1k/16k/128k "
+                        "(--seqlens), batch 1/8/64 (--batches), 32 q heads over 4 kv heads, "
+                        f"D=128; {', '.join(decode.PROVIDERS)}; writes decode.md/json")
+    preset.add_argument("--varlen", action="store_true",
+                        help="issue 5's packed batch: lengths log-uniform 64..8192, 32k tokens "
+                        "(--seqlens: totals), 16 heads, D=128, non-causal and causal; "
+                        f"{', '.join(varlen.PROVIDERS)}; writes varlen.md/json")
+    parser.add_argument("--providers", type=_names(ALL_PROVIDERS),
+                        help=f"comma-separated: for the grid from {', '.join(PROVIDERS)}; "
+                        f"--decode from {', '.join(decode.PROVIDERS)}; --varlen from "
+                        f"{', '.join(varlen.PROVIDERS)}")
+    parser.add_argument("--batches", type=_ints, help="--decode's batch sizes, e.g. 1,8,64")
     parser.add_argument("--dims", type=_ints, help="head dims, e.g. 64,128")
     parser.add_argument("--seqlens", type=_ints, help="sequence lengths, e.g. 512,1k,16k")
     parser.add_argument("--modes", type=_names(MODES), help="from fwd, bwd, fwdbwd")
@@ -192,7 +220,8 @@ def main(argv: list[str]) -> int:
               "interpreter.", file=sys.stderr)
         return 2
     preset = PRESETS["quick" if args.quick else "long" if args.long
-                     else "features" if args.features else "full"]
+                     else "features" if args.features else "decode" if args.decode
+                     else "varlen" if args.varlen else "full"]
     providers = args.providers or list(preset.providers)
     modes = args.modes or list(preset.modes)
     shapes = shape_grid(args.dims or list(preset.dims), args.seqlens or list(preset.seqlens),
@@ -214,6 +243,15 @@ def main(argv: list[str]) -> int:
         from flashtile.bench.features import run_features
 
         return run_features(args, meta, out_dir, dtype, preset, log)
+    if args.decode:
+        return decode.run_decode(args, meta, out_dir, dtype, preset, log)
+    if args.varlen:
+        return varlen.run_varlen(args, meta, out_dir, dtype, preset, log)
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        log(f"flashtile bench: {', '.join(unknown)} not in the grid's providers; choose from "
+            f"{', '.join(PROVIDERS)}")
+        return 2
     log(f"{len(shapes)} shapes × {len(providers)} providers ({', '.join(providers)}), "
         f"modes {', '.join(modes)}, {args.dtype}; writing to {out_dir}/")
 
