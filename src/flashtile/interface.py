@@ -156,10 +156,9 @@ def _softcap(softcap) -> float:
     return float(softcap)
 
 
-def _alibi(alibi_slopes, q: torch.Tensor) -> torch.Tensor | None:
+def _alibi(alibi_slopes, batch: int, nheads: int, device) -> torch.Tensor | None:
     if alibi_slopes is None:
         return None
-    batch, nheads = q.shape[0], q.shape[2]
     if not isinstance(alibi_slopes, torch.Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got "
                         f"{type(alibi_slopes).__name__}")
@@ -168,9 +167,35 @@ def _alibi(alibi_slopes, q: torch.Tensor) -> torch.Tensor | None:
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
         raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got "
                          f"{tuple(alibi_slopes.shape)}")
-    if alibi_slopes.device != q.device:
-        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
     return alibi_slopes if alibi_slopes.stride(-1) == 1 else alibi_slopes.contiguous()
+
+
+def _options(batch: int, nheads: int, head_dim: int, device, *, softmax_scale, causal,
+             window_size, softcap, alibi_slopes, dropout_p=0.0, **layout) -> AttnOptions:
+    """The options every entry point shares, validated; causal folds into the window's right
+    side (0), and dropout gets its seed. `layout`: diag_offset, varlen or kvcache."""
+    dropout_p = _dropout_p(dropout_p)
+    window_left, window_right = _window(window_size)
+    return AttnOptions(
+        softmax_scale=_softmax_scale(softmax_scale, head_dim),
+        window_left=window_left,
+        window_right=0 if causal else window_right,
+        softcap=_softcap(softcap),
+        alibi_slopes=_alibi(alibi_slopes, batch, nheads, device),
+        dropout_p=dropout_p,
+        seed=_dropout_seed() if dropout_p > 0 else 0,
+        **{"diag_offset": 0, **layout},
+    )
+
+
+def _probs(q, k, lse, opts: AttnOptions) -> torch.Tensor:
+    """return_attn_probs: the probabilities kernel, or zeros when there is nothing to launch."""
+    if not _nothing_to_launch(q, k):
+        return attention_probs(q.detach(), k.detach(), lse, opts)
+    batch, seqlen_q, seqlen_k = opts.problem(q, k)
+    return torch.zeros(batch, q.shape[2], seqlen_q, seqlen_k, device=q.device)
 
 
 def _with_mask(opts: AttnOptions, mask_mod, q: torch.Tensor, k: torch.Tensor) -> AttnOptions:
@@ -269,28 +294,15 @@ def flash_attn_func(
     """
     _check_tensors(("q", "k", "v"), (q, k, v), 4, "(batch, seqlen, nheads, headdim)")
     _check_qkv(q, k, v)
-    dropout_p = _dropout_p(dropout_p)
-    window_left, window_right = _window(window_size)
-    if causal:
-        window_right = 0
-    opts = AttnOptions(
-        softmax_scale=_softmax_scale(softmax_scale, q.shape[-1]),
-        diag_offset=k.shape[1] - q.shape[1],
-        window_left=window_left,
-        window_right=window_right,
-        softcap=_softcap(softcap),
-        alibi_slopes=_alibi(alibi_slopes, q),
-        dropout_p=dropout_p,
-        seed=_dropout_seed() if dropout_p > 0 else 0,
-    )
+    opts = _options(q.shape[0], q.shape[2], q.shape[3], q.device, softmax_scale=softmax_scale,
+                    causal=causal, window_size=window_size, softcap=softcap,
+                    alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                    diag_offset=k.shape[1] - q.shape[1])
     if mask_mod is not None:
         opts = _with_mask(opts, mask_mod, q, k)
     out, lse = _FlashAttnFunction.apply(q, k, v, opts)
     if return_attn_probs:
-        probs = (attention_probs(q.detach(), k.detach(), lse, opts)
-                 if not _nothing_to_launch(q, k) else
-                 torch.zeros(q.shape[0], q.shape[2], q.shape[1], k.shape[1], device=q.device))
-        return out, lse, probs
+        return out, lse, _probs(q, k, lse, opts)
     return (out, lse) if return_lse else out
 
 
@@ -360,33 +372,16 @@ def flash_attn_varlen_func(
                              f"({longest}), got {given!r}")
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, total, H, D) views
     _check_qkv(q4, k4, v4)
-    dropout_p = _dropout_p(dropout_p)
-    window_left, window_right = _window(window_size)
-    if causal:
-        window_right = 0
-    slopes = alibi_slopes
-    if isinstance(slopes, torch.Tensor) and slopes.dim() == 2 and slopes.shape[0] != batch:
-        raise ValueError(f"alibi_slopes must have shape ({q.shape[1]},) or ({batch}, "
-                         f"{q.shape[1]}), got {tuple(slopes.shape)}")
-    opts = AttnOptions(
-        softmax_scale=_softmax_scale(softmax_scale, q.shape[-1]),
-        diag_offset=0,  # each sequence's own: seqlen_k - seqlen_q, in the kernels
-        window_left=window_left,
-        window_right=window_right,
-        softcap=_softcap(softcap),
-        alibi_slopes=_alibi(slopes, q4.expand(batch, *q4.shape[1:])) if slopes is not None
-        else None,
-        dropout_p=dropout_p,
-        seed=_dropout_seed() if dropout_p > 0 else 0,
-        varlen=(cu_seqlens_q, cu_seqlens_k, max(max_seqlen_q, 1), max(max_seqlen_k, 1)),
-    )
-    out, lse = _FlashAttnFunction.apply(q4, k4, v4, opts)
-    out, lse = out.squeeze(0), lse.squeeze(0)  # (total_q, H, D), (H, total_q)
+    # each sequence's diagonal is its own (seqlen_k - seqlen_q), found in the kernels
+    opts = _options(batch, q.shape[1], q.shape[2], q.device, softmax_scale=softmax_scale,
+                    causal=causal, window_size=window_size, softcap=softcap,
+                    alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                    varlen=(cu_seqlens_q, cu_seqlens_k, max(max_seqlen_q, 1),
+                            max(max_seqlen_k, 1)))
+    out4, lse4 = _FlashAttnFunction.apply(q4, k4, v4, opts)
+    out, lse = out4.squeeze(0), lse4.squeeze(0)  # (total_q, H, D), (H, total_q)
     if return_attn_probs:
-        probs = (attention_probs(q4.detach(), k4.detach(), lse.unsqueeze(0), opts)
-                 if not _nothing_to_launch(q, k) else
-                 torch.zeros(batch, q.shape[1], max_seqlen_q, max_seqlen_k, device=q.device))
-        return out, lse, probs
+        return out, lse, _probs(q4, k4, lse4, opts)
     return (out, lse) if return_lse else out
 
 
@@ -510,18 +505,10 @@ def flash_attn_with_kvcache(
             else:
                 k_cache[batch_idx[:, None].long(), positions] = k
                 v_cache[batch_idx[:, None].long(), positions] = v
-    window_left, window_right = _window(window_size)
-    if causal:
-        window_right = 0
-    opts = AttnOptions(
-        softmax_scale=_softmax_scale(softmax_scale, head_dim),
-        diag_offset=0,  # each entry's own: seqlens_k - seqlen_q, in the kernel
-        window_left=window_left,
-        window_right=window_right,
-        softcap=_softcap(softcap),
-        alibi_slopes=_alibi(alibi_slopes, q),
-        kvcache=(seqlens_k.to(torch.int32), batch_idx, block_table, page),
-    )
+    # each entry's diagonal is its own (seqlens_k - seqlen_q), found in the kernel
+    opts = _options(batch, nheads, head_dim, device, softmax_scale=softmax_scale, causal=causal,
+                    window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                    kvcache=(seqlens_k.to(torch.int32), batch_idx, block_table, page))
     splits = num_splits or _auto_splits(batch * nheads * -(-seqlen_q // 128),
                                         max(lengths, default=0), device)
     keys = k_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else k_cache
