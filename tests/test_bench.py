@@ -530,7 +530,12 @@ def _fake_do_bench(monkeypatch, ms=2.0):
         fn()
         return ms
 
+    def time_graph(fn, warmup, rep):  # the CUDA graph replay: the same call, timed alike
+        fn()
+        return ms
+
     monkeypatch.setattr(measure, "do_bench", do_bench)
+    monkeypatch.setattr(decode, "time_graph", time_graph)
 
 
 def test_decode_and_varlen_are_presets_beside_features(capsys):
@@ -694,8 +699,9 @@ COPY = META["ceilings"]["copy_gbps"]
 def _dr(batch, cache_len, provider, us, **fields):
     case = DecodeCase(batch, cache_len)
     ms = us * 1e-3
-    return DecodeResult(case, provider, "ok", ms=ms, gbps=case.gbps(ms), check_err=1e-3,
-                        check_tol=4e-3, diff=None if provider == "sdpa" else 1e-3, **fields)
+    return DecodeResult(case, provider, "ok", ms=ms, gbps=case.gbps(ms), eager_ms=2 * ms,
+                        check_err=1e-3, check_tol=4e-3,
+                        diff=None if provider == "sdpa" else 1e-3, **fields)
 
 
 def _fake_decode_results():
@@ -719,10 +725,11 @@ def test_decode_summary_and_target():
     assert small["flashtile"]["speed_vs_sdpa"] == pytest.approx(0.5)
     assert small["flashtile"]["met"] is None  # 1k: the target does not apply
     assert small["sdpa"]["us"] == pytest.approx(20.0) and "met" not in small["sdpa"]
+    assert small["sdpa"]["eager_us"] == pytest.approx(40.0)
     fraction = 16 * 2**30 / 8e-3 / 1e9 / COPY
     assert big["flashtile"]["copy_fraction"] == pytest.approx(fraction) and fraction > 0.7
     assert big["flashtile"]["met"] is True and big["flashtile"]["speed_vs_sdpa"] == 1.125
-    assert big["flashtile-paged"] == dict(status="failed", us=None, gbps=None,
+    assert big["flashtile-paged"] == dict(status="failed", us=None, eager_us=None, gbps=None,
                                           copy_fraction=None, speed_vs_sdpa=None, met=None)
     assert decode.target_counts(_fake_decode_results(), COPY) == {"flashtile": [1, 1]}
     slower = [r if r.provider != "flashtile" or r.case.batch == 1
@@ -740,11 +747,13 @@ def test_decode_reports_are_written(tmp_path):
                         "sdpa GB/s", "flashtile GB/s", "flashtile-paged GB/s", "sdpa % copy",
                         "flashtile % copy", "flashtile-paged % copy", "flashtile ÷ sdpa",
                         "flashtile-paged ÷ sdpa", "target", "flashtile meets",
-                        "flashtile-paged meets"]
+                        "flashtile-paged meets", "sdpa eager µs", "flashtile eager µs",
+                        "flashtile-paged eager µs"]
     assert table[2] == ["1024", "1", "2", "20.0", "40.0", "50.0", "105", "52", "42", "4%", "2%",
-                        "1%", "0.50", "0.40", "-", "-", "-"]
+                        "1%", "0.50", "0.40", "-", "-", "-", "40.0", "80.0", "100.0"]
     assert table[3] == ["131072", "64", "16,384", "9000.0", "8000.0", "FAIL", "1909", "2147",
-                        "FAIL", "64%", "72%", "FAIL", "1.12", "-", ">= 70%", "yes", "-"]
+                        "FAIL", "64%", "72%", "FAIL", "1.12", "-", ">= 70%", "yes", "-",
+                        "18000.0", "16000.0", "FAIL"]
     assert "flashtile: met at 1 of 1 cases" in md
     assert "- flashtile-paged failed at B=64 cache=131072: out entry 63" in md
     checks = _cells(md.split("## Checks before timing\n\n")[1].split("\n\n")[1])

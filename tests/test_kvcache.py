@@ -86,6 +86,27 @@ def test_paged_cache_across_page_boundaries(page, splits, dev):
                   causal=True)
 
 
+@pytest.mark.parametrize("heads,heads_k,seqlen_q,splits", [
+    (3, 3, 2, 2),   # multi-head: one program per query head
+    (8, 1, 1, 3),   # decoding one token, MQA: the 8 heads are one program's rows
+    (12, 2, 3, 1),  # a group of 6 heads x 3 queries: rows cross a 16-row block
+])
+def test_grouped_heads_share_one_read(heads, heads_k, seqlen_q, splits, dev):
+    """Each group's query heads are packed into one program's rows (PACK_GQA), so that a kv
+    head is read once for all of them: every (query, head) row must land in its place."""
+    dtype = torch.float16
+    k_cache, v_cache = (torch.randn(2, 80, heads_k, D, device=dev, dtype=dtype)
+                        for _ in range(2))
+    q = torch.randn(2, seqlen_q, heads, D, device=dev, dtype=dtype)
+    slopes = torch.rand(heads, device=dev) * 0.3
+    lengths = torch.tensor([77, 9], dtype=torch.int32, device=dev)
+    out, lse = flashtile.flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=lengths, causal=True, alibi_slopes=slopes,
+        num_splits=splits, return_softmax_lse=True)
+    check_entries(q, k_cache, v_cache, lengths.tolist(), out, lse, dtype, causal=True,
+                  alibi_slopes=slopes[None].expand(2, heads))
+
+
 def test_no_append_int_seqlens_and_empty_entries(dev):
     k_cache, v_cache = (torch.randn(B, 40, HK, D, device=dev) for _ in range(2))
     q = torch.randn(B, 3, H, D, device=dev)

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from flashtile import masks
+from flashtile import masks, ops
 from flashtile.kernels.backward import attention_backward
 from flashtile.kernels.blockmap import block_lists
 from flashtile.kernels.configs import interpreting
@@ -26,6 +26,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _FlashAttnFunction(torch.autograd.Function):
+    """Calls with a mask predicate, in eager mode only: a @triton.jit function cannot cross the
+    schema of the flashtile ops (ops.py), which every other call goes through."""
+
     @staticmethod
     def forward(ctx, q, k, v, opts: AttnOptions):
         out, lse = _forward(q, k, v, opts)
@@ -164,7 +167,8 @@ def _alibi(alibi_slopes, batch: int, nheads: int, device) -> torch.Tensor | None
                         f"{type(alibi_slopes).__name__}")
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+    shape = tuple(alibi_slopes.shape)
+    if shape != (nheads,) and shape != (batch, nheads):  # `in` misses symbolic sizes (dynamo)
         raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got "
                          f"{tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != device:
@@ -175,7 +179,8 @@ def _alibi(alibi_slopes, batch: int, nheads: int, device) -> torch.Tensor | None
 def _options(batch: int, nheads: int, head_dim: int, device, *, softmax_scale, causal,
              window_size, softcap, alibi_slopes, dropout_p=0.0, **layout) -> AttnOptions:
     """The options every entry point shares, validated; causal folds into the window's right
-    side (0), and dropout gets its seed. `layout`: diag_offset, varlen or kvcache."""
+    side (0). The dropout seed is the caller's (_dropout_seed). `layout`: diag_offset, varlen
+    or kvcache."""
     dropout_p = _dropout_p(dropout_p)
     window_left, window_right = _window(window_size)
     return AttnOptions(
@@ -185,7 +190,6 @@ def _options(batch: int, nheads: int, head_dim: int, device, *, softmax_scale, c
         softcap=_softcap(softcap),
         alibi_slopes=_alibi(alibi_slopes, batch, nheads, device),
         dropout_p=dropout_p,
-        seed=_dropout_seed() if dropout_p > 0 else 0,
         **{"diag_offset": 0, **layout},
     )
 
@@ -214,10 +218,35 @@ def _with_mask(opts: AttnOptions, mask_mod, q: torch.Tensor, k: torch.Tensor) ->
     return dataclasses.replace(opts, mask_mod=mask, lists=lists)
 
 
-def _dropout_seed() -> int:
-    """A Philox seed drawn from torch's default generator: torch.manual_seed makes dropout
-    reproducible. The CPU generator is used, so no device synchronization is needed."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+_EAGER_ONLY = ("flash_attn_func with mask_mod runs in eager mode only: a mask predicate (a "
+               "@triton.jit function) cannot cross the flashtile ops that torch.compile and "
+               "torch.export see")
+
+
+@torch.compiler.disable(reason=_EAGER_ONLY)
+def _masked_attention(q, k, v, opts: AttnOptions, mask_mod, seed: torch.Tensor | None):
+    """out, lse and the options of a call with a mask predicate, on _FlashAttnFunction. Under
+    torch.compile a graph break (fullgraph=True: an error) runs it eagerly; torch.export, which
+    runs Python with fake tensors, gets a NotImplementedError."""
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(_EAGER_ONLY)
+    opts = _with_mask(opts, mask_mod, q, k)
+    out, lse = _FlashAttnFunction.apply(q, k, v, _seeded(opts, seed))
+    return out, lse, opts
+
+
+def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
+    """A Philox seed drawn from torch's default generator, None without dropout: torch.manual_seed
+    makes dropout reproducible. A 0-d int64 CPU tensor, read by the flashtile ops (no device
+    synchronization, and no host read in a compiled graph)."""
+    if dropout_p == 0:
+        return None
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _seeded(opts: AttnOptions, seed: torch.Tensor | None) -> AttnOptions:
+    """The options with the seed as the kernels take it, for the launches outside the ops."""
+    return opts if seed is None else dataclasses.replace(opts, seed=int(seed.item()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,17 +327,21 @@ def flash_attn_func(
                     causal=causal, window_size=window_size, softcap=softcap,
                     alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                     diag_offset=k.shape[1] - q.shape[1])
-    if mask_mod is not None:
-        opts = _with_mask(opts, mask_mod, q, k)
-    out, lse = _FlashAttnFunction.apply(q, k, v, opts)
+    seed = _dropout_seed(opts.dropout_p)
+    if mask_mod is None:
+        out, lse = ops.attention(q, k, v, opts, seed)
+    else:
+        out, lse, opts = _masked_attention(q, k, v, opts, mask_mod, seed)
     if return_attn_probs:
-        return out, lse, _probs(q, k, lse, opts)
+        return out, lse, _probs(q, k, lse, _seeded(opts, seed))
     return (out, lse) if return_lse else out
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> int:
     """cu_seqlens: int32, (batch + 1,), starting at 0, nondecreasing, ending at `total`.
-    Returns the longest sequence. (One host synchronization: the values are checked.)"""
+    Returns the longest sequence. (One host synchronization: the values are checked. Under
+    torch.compile or torch.export only the dtype, shape and device are, and 0 is returned:
+    reading the values would break the graph.)"""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
@@ -316,6 +349,8 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> int:
                          f"lengths, got {cu.dtype} of shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if torch.compiler.is_compiling():
+        return 0
     values = cu.tolist()
     if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must start at 0, never decrease and end at {total} (the "
@@ -378,10 +413,11 @@ def flash_attn_varlen_func(
                     alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                     varlen=(cu_seqlens_q, cu_seqlens_k, max(max_seqlen_q, 1),
                             max(max_seqlen_k, 1)))
-    out4, lse4 = _FlashAttnFunction.apply(q4, k4, v4, opts)
+    seed = _dropout_seed(opts.dropout_p)
+    out4, lse4 = ops.attention(q4, k4, v4, opts, seed)
     out, lse = out4.squeeze(0), lse4.squeeze(0)  # (total_q, H, D), (H, total_q)
     if return_attn_probs:
-        return out, lse, _probs(q4, k4, lse4, opts)
+        return out, lse, _probs(q4, k4, lse4, _seeded(opts, seed))
     return (out, lse) if return_lse else out
 
 
@@ -432,8 +468,13 @@ def flash_attn_with_kvcache(
         num_splits: split-KV (flash-decoding): each row's keys are cut into this many chunks,
             run by separate programs and combined by their log-sum-exp. 0 chooses: on a GPU,
             enough splits to give every SM about two programs when batch · heads · query
-            blocks are fewer (chunks of at least 256 keys); 1 never splits.
+            blocks are fewer (chunks of at least 256 keys of the cache's capacity); 1 never
+            splits. With grouped heads one program reads a kv head once for all its query
+            heads.
         return_softmax_lse: also return lse (batch, nheads, seqlen_q).
+
+    The cache's lengths are checked against its capacity on the host (one synchronization);
+    while a CUDA graph is captured, or torch.compile traces, they cannot be read and are not.
     """
     _check_tensors(("q", "k_cache", "v_cache"), (q, k_cache, v_cache), 4,
                    "(batch, seqlen, nheads, headdim)")
@@ -489,10 +530,13 @@ def flash_attn_with_kvcache(
                              f"{head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
         seqlen_new = k.shape[1]
     seqlens_k = cache_seqlens + seqlen_new
-    lengths = seqlens_k.tolist()  # one synchronization: an overflowing append is an error
-    if min(cache_seqlens.tolist(), default=0) < 0 or max(lengths, default=0) > capacity:
-        raise ValueError(f"cache_seqlens + seqlen_new must lie in [0, {capacity}] (the cache's "
-                         f"capacity), got lengths {lengths[:8]}")
+    if not _capturing(device):
+        # one synchronization: an overflowing append is an error (skipped while a CUDA graph
+        # is captured or torch.compile traces, where the host cannot read the lengths)
+        lengths = seqlens_k.tolist()
+        if min(cache_seqlens.tolist(), default=0) < 0 or max(lengths, default=0) > capacity:
+            raise ValueError(f"cache_seqlens + seqlen_new must lie in [0, {capacity}] (the "
+                             f"cache's capacity), got lengths {lengths[:8]}")
     if seqlen_new:
         # append in place: rows cache_seqlens .. + seqlen_new of each entry's cache
         positions = cache_seqlens[:, None].long() + torch.arange(seqlen_new, device=device)
@@ -509,8 +553,11 @@ def flash_attn_with_kvcache(
     opts = _options(batch, nheads, head_dim, device, softmax_scale=softmax_scale, causal=causal,
                     window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                     kvcache=(seqlens_k.to(torch.int32), batch_idx, block_table, page))
-    splits = num_splits or _auto_splits(batch * nheads * -(-seqlen_q // 128),
-                                        max(lengths, default=0), device)
+    # programs of the forward: with grouped heads one per kv head (PACK_GQA, 16-row blocks)
+    group = nheads // nheads_k
+    programs = (batch * nheads_k * -(-seqlen_q * group // 16) if group > 1
+                else batch * nheads * -(-seqlen_q // 128))
+    splits = num_splits or _auto_splits(programs, capacity, device)
     keys = k_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else k_cache
     values = v_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else v_cache
     if q.numel() == 0:
@@ -522,9 +569,18 @@ def flash_attn_with_kvcache(
     return (out, lse) if return_softmax_lse else out
 
 
+def _capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream, or torch.compile is tracing: no
+    host synchronization is allowed."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _auto_splits(programs: int, longest: int, device: torch.device) -> int:
     """Split-KV when the (batch, head, query block) programs leave SMs idle: about two programs
-    per SM, chunks of at least 256 keys, at most 64 splits. Never under the interpreter."""
+    per SM, chunks of at least 256 keys of the longest possible row (the cache's capacity: no
+    synchronization), at most 64 splits. Never under the interpreter."""
     if device.type != "cuda" or programs == 0:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -610,8 +666,7 @@ def scaled_dot_product_attention(
         diag_offset=0,
         window_right=0 if is_causal else -1,
         dropout_p=dropout_p,
-        seed=_dropout_seed() if dropout_p > 0 else 0,
     )
-    out, _ = _FlashAttnFunction.apply(q, k, v, opts)
+    out, _ = ops.attention(q, k, v, opts, _dropout_seed(dropout_p))
     out = out.transpose(1, 2)  # (B, H, L, E)
     return out.squeeze(1) if squeeze else out

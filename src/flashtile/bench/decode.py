@@ -23,8 +23,11 @@ Each provider is checked before it is timed: its output against a float64 refere
 entries 0 and B - 1, query heads 0, 1 and 31 (two kv heads, two query heads of one), all L keys,
 by flashtile.testing's FlashAttention rule; flashtile's whole output is also compared with
 SDPA's (max |diff| / max(1, |SDPA's out|) at most MAX_DIFF = 2e-2). Time: the median of
-triton.testing.do_bench over one call (L2 flushed before each call by do_bench), host work
-included (flash_attn_with_kvcache synchronizes once per call to validate cache_seqlens).
+triton.testing.do_bench over one replay of the call captured in a CUDA graph (L2 flushed before
+each replay by do_bench), as a serving loop runs its decoding steps: the GPU's work without the
+host's. Beside it, "eager": do_bench over the plain call, host work included (each launch's
+Python, and flash_attn_with_kvcache's one synchronization to validate cache_seqlens); a small
+case's eager time is the host's, not the kernel's.
 
 Reported per case and provider: time (µs); achieved bandwidth = the bytes of K and V read,
 B · L · H_kv · D · itemsize · 2, divided by the time (GB/s, 1e9 bytes); its fraction of the
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from triton.testing import do_bench
 
 import flashtile
 from flashtile.bench.features import _json_ready, check_heads, output_diff
@@ -311,6 +315,7 @@ class DecodeResult:
     status: str
     ms: float | None = None
     gbps: float | None = None
+    eager_ms: float | None = None
     check_err: float | None = None
     check_tol: float | None = None
     diff: float | None = None
@@ -360,12 +365,31 @@ def measure_decode(case: DecodeCase, name: str, factory: DecodeFactory, q: torch
     log(f"{case.label()} {name}: {detail}; first call {first_s:.1f} s; check ok (max err "
         f"{err:.2e} <= tol {tol:.2e}{vs})")
     try:
-        ms = time_mode(forward, "fwd", None, [], warmup_ms, rep_ms)
+        eager_ms = time_mode(forward, "fwd", None, [], warmup_ms, rep_ms)
+        ms = time_graph(forward, warmup_ms, rep_ms)
     except Exception as e:
         return done("error", _first_line(e), **checked), out
-    result = DecodeResult(case, name, "ok", ms=ms, gbps=case.gbps(ms), **checked)
-    log(f"{case.label()} {name}: {result.us:10.1f} µs {result.gbps:7.0f} GB/s")
+    result = DecodeResult(case, name, "ok", ms=ms, gbps=case.gbps(ms), eager_ms=eager_ms,
+                          **checked)
+    log(f"{case.label()} {name}: {result.us:10.1f} µs {result.gbps:7.0f} GB/s (CUDA graph); "
+        f"eager {eager_ms * 1e3:.1f} µs")
     return result, out
+
+
+def time_graph(forward: Forward, warmup_ms: int, rep_ms: int) -> float:
+    """Median milliseconds of one replay of `forward` captured in a CUDA graph, L2 flushed
+    before each replay (do_bench). The call runs a few times on a side stream first, as capture
+    requires (and so that no autotuning happens inside it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    return do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def decode_inputs(case: DecodeCase, dtype: torch.dtype, device="cuda"
@@ -438,6 +462,7 @@ def summary(results: list[DecodeResult], copy_gbps: float | None) -> list[dict]:
                 continue
             fraction = copy_fraction(r.gbps, copy_gbps) if _ok(r) else None
             entry = dict(status=r.status, us=r.us if _ok(r) else None,
+                         eager_us=r.eager_ms * 1e3 if _ok(r) and r.eager_ms else None,
                          gbps=r.gbps if _ok(r) else None, copy_fraction=fraction)
             if p in FLASHTILE:
                 entry["speed_vs_sdpa"] = sdpa.ms / r.ms if _ok(sdpa) and _ok(r) else None
@@ -461,15 +486,17 @@ def target_counts(results: list[DecodeResult], copy_gbps: float | None) -> dict[
 
 
 def times_table(results: list[DecodeResult], copy_gbps: float | None) -> str:
-    """One row per case: K+V MiB read; each provider's µs, GB/s and % of the copy bandwidth;
-    each flashtile provider's speed ÷ SDPA's; the target and whether it is met."""
+    """One row per case: K+V MiB read; each provider's µs (CUDA graph replay), GB/s and % of
+    the copy bandwidth; each flashtile provider's speed ÷ SDPA's; the target and whether it is
+    met; each provider's eager µs (host work included)."""
     providers = _providers(results)
     by = _index(results)
     ours = [p for p in providers if p in FLASHTILE]
     ratio = [p for p in ours if "sdpa" in providers]
     head = (["cache", "B", "K+V MiB"] + [f"{p} µs" for p in providers]
             + [f"{p} GB/s" for p in providers] + [f"{p} % copy" for p in providers]
-            + [f"{p} ÷ sdpa" for p in ratio] + ["target"] + [f"{p} meets" for p in ours])
+            + [f"{p} ÷ sdpa" for p in ratio] + ["target"] + [f"{p} meets" for p in ours]
+            + [f"{p} eager µs" for p in providers])
     rows = []
     for case, row in zip(_cases(results), summary(results, copy_gbps)):
         cells = [by.get((case, p)) for p in providers]
@@ -485,6 +512,7 @@ def times_table(results: list[DecodeResult], copy_gbps: float | None) -> str:
         for p in ours:
             met = row["providers"].get(p, {}).get("met")
             line.append("-" if met is None else ("yes" if met else "NO"))
+        line += [_cell(r, e.get("eager_us"), "{:.1f}") for r, e in zip(cells, entries)]
         rows.append(line)
     return _markdown(head, rows)
 

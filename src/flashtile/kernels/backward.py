@@ -234,8 +234,9 @@ def _attn_bwd_dkdv(
                 USE_TMA)
         else:
             # -- query blocks: masked [a, b), unmasked [b, c), masked [c, hi) --
-            a, b, c, hi = block_ranges(start_n, rows_visited, -diag_offset, window_right,
-                                       window_left, BLOCK_N, BLOCK_M, LOCAL_RIGHT, LOCAL_LEFT)
+            a, b, c, hi = block_ranges(start_n, start_n + BLOCK_N - 1, rows_visited,
+                                       -diag_offset, window_right, window_left, BLOCK_M,
+                                       LOCAL_RIGHT, LOCAL_LEFT)
             if LOCAL_RIGHT:  # the causal diagonal / right edge: none without one
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
@@ -410,8 +411,9 @@ def _attn_bwd_dq(
             MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, True, DOT_PRECISION, USE_TMA)
     else:
         # -- key blocks as in the forward: masked [a, b), unmasked [b, c), masked [c, hi) --
-        a, b, c, hi = block_ranges(start_m, keys_visited, diag_offset, window_left,
-                                   window_right, BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
+        a, b, c, hi = block_ranges(start_m, start_m + BLOCK_M - 1, keys_visited,
+                                   diag_offset, window_left, window_right, BLOCK_N, LOCAL_LEFT,
+                                   LOCAL_RIGHT)
         if LOCAL_LEFT:  # the window's left edge: no such range without one
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,

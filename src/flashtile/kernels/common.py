@@ -124,11 +124,10 @@ def query_block_start(BLOCK_M: tl.constexpr, LOCAL_RIGHT: tl.constexpr):
 
 
 @triton.jit
-def block_ranges(start, n_other, offset, before, after,
-                 BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr,
+def block_ranges(start, last, n_other, offset, before, after, OTHER_BLOCK: tl.constexpr,
                  LIMIT_BEFORE: tl.constexpr, LIMIT_AFTER: tl.constexpr):
-    """Which blocks of the other axis a block [start, start + BLOCK) must visit, when index x
-    sees y < n_other iff y >= x + offset - before (LIMIT_BEFORE) and y <= x + offset + after
+    """Which blocks of the other axis the indices start .. last of a block must visit, when
+    index x sees y < n_other iff y >= x + offset - before (LIMIT_BEFORE) and y <= x + offset + after
     (LIMIT_AFTER). Returns a <= b <= c <= hi, multiples of OTHER_BLOCK but hi:
 
         [a, b) masked  - the near edge of the window, where rows see part of a block
@@ -138,7 +137,6 @@ def block_ranges(start, n_other, offset, before, after,
     Blocks outside [a, hi) are seen by nobody and skipped. Forward and dQ: x = query, y = key,
     offset = diag_offset, before = window_left, after = window_right. dK/dV: x = key,
     y = query, offset = -diag_offset, before = window_right, after = window_left."""
-    last = start + BLOCK - 1
     even_end = (n_other // OTHER_BLOCK) * OTHER_BLOCK
     if LIMIT_BEFORE:
         lo = tl.maximum(start + offset - before, 0)

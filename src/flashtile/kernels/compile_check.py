@@ -25,11 +25,11 @@ FLOAT_ARGS = {"qk_scale", "softcap_scale", "softcap_log2", "dropout_p", "dropout
 POINTER_TYPES = {"LSE": "*fp32", "Alibi": "*fp32", "Delta": "*fp32", "KvLists": "*i32",
                  "QLists": "*i32", "MaskData": "*i32", "CuSeqQ": "*i32", "CuSeqK": "*i32",
                  "SeqlensK": "*i32", "BatchIdx": "*i32", "BlockTable": "*i32",
-                 "Out": "*i8", "P": "*fp32"}
+                 "Out": "*i8", "P": "*fp32", "O_part": "*fp32", "LSE_part": "*fp32"}
 BASE = dict(LOCAL_LEFT=False, LOCAL_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, DROPOUT=False,
             MASK_MOD=None, MASK_DATA=False, MAP_BLOCK_M=16, MAP_BLOCK_N=16, VARLEN=False,
             DOT_PRECISION="tf32", USE_TMA=False, HEAD_DIM=128, HEAD_DIM_PAD=128,
-            KV_CACHE=False, PAGED=False, PAGE=16, SPLIT_KV=False)
+            KV_CACHE=False, PAGED=False, PAGE=16, SPLIT_KV=False, PACK_GQA=False)
 # name: (flags over BASE, kernels' blocks (BLOCK_M, BLOCK_N), num_warps, num_stages, dtype)
 VARIANTS = {
     "plain": ({}, (128, 64), 8, 3, "bf16"),
@@ -45,6 +45,9 @@ VARIANTS = {
     "kvcache_tma": (dict(KV_CACHE=True, USE_TMA=True), (128, 64), 8, 3, "bf16"),
     "decode_block16": (dict(KV_CACHE=True, SPLIT_KV=True, USE_TMA=True), (16, 128), 4, 2,
                        "bf16"),
+    "decode_pack_gqa_alibi": (dict(KV_CACHE=True, SPLIT_KV=True, PACK_GQA=True, PAGED=True,
+                                   PAGE=32, HAS_ALIBI=True, LOCAL_RIGHT=True), (16, 64), 4, 3,
+                              "bf16"),
     "fp32_d512": (dict(DOT_PRECISION="ieee", HEAD_DIM=320, HEAD_DIM_PAD=512), (16, 16), 4, 1,
                   "fp32"),
 }
@@ -82,6 +85,14 @@ def compile_variant(name: str) -> list[str]:
         triton.compile(source, target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages))
         done.append(fn.__name__)
+    if flags["SPLIT_KV"]:
+        constexprs = {"HEAD_DIM": flags["HEAD_DIM"], "HEAD_DIM_PAD": flags["HEAD_DIM_PAD"],
+                      "SPLITS_PAD": 16}
+        source = ASTSource(fn=forward._combine_splits,
+                           signature=_signature(forward._combine_splits, constexprs, dtype),
+                           constexprs=constexprs)
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        done.append("_combine_splits")
     if flags["MASK_MOD"] is not None:
         params = set(inspect.signature(blockmap._block_map.fn).parameters)
         constexprs = {"MAP_BLOCK_M": 32, "MAP_BLOCK_N": 32, "DENSE": False,

@@ -19,7 +19,9 @@ Tensors are (batch, seqlen, heads, headdim) through strides, so the SDPA layout
 (batch, heads, seqlen, headdim) runs without copies. Query head h reads key/value head
 h // group (grouped-query attention; group = 1 is multi-head).
 
-Grid: (cdiv(seqlen_q, BLOCK_M), batch * nheads).
+Grid: (cdiv(seqlen_q, BLOCK_M), batch * nheads, splits). With PACK_GQA (KV caches with grouped
+heads) a program's rows are the (query, head) pairs of one kv head's group, so the cache is read
+once per kv head: (cdiv(seqlen_q · group, BLOCK_M), batch * nheads_k, splits).
 """
 
 import torch
@@ -123,13 +125,30 @@ def _attn_fwd(
     MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     KV_CACHE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, SPLIT_KV: tl.constexpr,
+    PACK_GQA: tl.constexpr,
 ):
+    tl.static_assert(not PACK_GQA or not (DROPOUT or VARLEN or MASK_MOD is not None),
+                     "PACK_GQA is for KV caches: no dropout, varlen or mask predicate")
     start_m = query_block_start(BLOCK_M, LOCAL_RIGHT)
     off_bh = tl.program_id(1)
-    off_b = (off_bh // nheads).to(tl.int64)
-    off_h = (off_bh % nheads).to(tl.int64)
-    off_hk = off_h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        # -- one program per (batch, kv head): its rows are the (query, head) pairs of the
+        # kv head's group, row r = query r // group of head off_hk · group + r % group --
+        nheads_k = nheads // group
+        off_b = (off_bh // nheads_k).to(tl.int64)
+        off_hk = (off_bh % nheads_k).to(tl.int64)
+        offs_r = start_m + tl.arange(0, BLOCK_M)
+        offs_m = offs_r // group
+        offs_h = off_hk * group + offs_r % group
+        off_h = off_hk * group  # the group's first head: rng_base only, unused without dropout
+        first_m = start_m // group
+    else:
+        off_b = (off_bh // nheads).to(tl.int64)
+        off_h = (off_bh % nheads).to(tl.int64)
+        off_hk = off_h // group
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_h = off_h
+        first_m = start_m
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     # dropout's counters: per (batch, head), over the (longest) seqlen_q × seqlen_k
     rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
@@ -153,11 +172,19 @@ def _attn_fwd(
                        seqlen_k, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     V_src = row_source(V + kv_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
                        seqlen_k, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
-    q = load_tile(Q_block, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, HEAD_DIM,
-                  CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
+    if PACK_GQA:
+        q_rows = Q + off_b * stride_qb + offs_m * stride_qm + offs_h * stride_qh
+        q = tl.load(q_rows[:, None] + offs_d[None, :] * stride_qd,
+                    mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        q = load_tile(Q_block, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, HEAD_DIM,
+                      CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
+        if PACK_GQA:  # one slope per row: (BLOCK_M, 1)
+            slope2 = tl.load(Alibi + off_b * stride_ab + offs_h)[:, None] * LOG2E
+        else:
+            slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -192,8 +219,11 @@ def _attn_fwd(
             USE_TMA, PAGED, PAGE)
     else:
         # -- key blocks: masked [a, b), unmasked [b, c), masked [c, hi); the rest skipped --
-        a, b, c, hi = block_ranges(start_m, keys_visited, diag_offset, window_left,
-                                   window_right, BLOCK_M, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
+        last_m = start_m + BLOCK_M - 1
+        if PACK_GQA:
+            last_m = tl.minimum(last_m // group, seqlen_q - 1)
+        a, b, c, hi = block_ranges(first_m, last_m, keys_visited, diag_offset, window_left,
+                                   window_right, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
         if SPLIT_KV:
             # -- split-KV: this program's share of the keys, whole blocks; each range is cut
             # to it (clamping keeps a <= b <= c <= hi, so masked stays masked) --
@@ -243,10 +273,11 @@ def _attn_fwd(
     if SPLIT_KV:  # one partial (O, LSE) per split, combined by the launcher
         LSE += tl.program_id(2).to(tl.int64) * stride_ls
         O += tl.program_id(2).to(tl.int64) * stride_os
-    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, lse,
+    tl.store(LSE + off_b * stride_lb + offs_h * stride_lh + q_start + offs_m, lse,
              mask=offs_m < seqlen_q)
-    O_block = O + off_b * stride_ob + off_h * stride_oh + q_start * stride_om
-    o_ptrs = O_block + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    # offs_h: a scalar, or with PACK_GQA each row's head
+    o_rows = O + off_b * stride_ob + offs_h * stride_oh + (q_start + offs_m) * stride_om
+    o_ptrs = o_rows[:, None] + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
@@ -267,6 +298,9 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1):
     nheads_k = k.shape[2]
     batch, seqlen_q, seqlen_k = opts.problem(q, k)
     split = num_splits > 1
+    # KV caches with grouped heads: one program reads a kv head once for its whole group
+    pack = opts.kvcache is not None and nheads > nheads_k
+    rows, programs = (seqlen_q * (nheads // nheads_k), nheads_k) if pack else (seqlen_q, nheads)
     # (B, H, Nq); with varlen (1, H, total_q), each sequence's rows at its offset
     if split:  # partial results, fp32, one per split
         out = torch.empty(num_splits, *q.shape, device=q.device, dtype=torch.float32)
@@ -287,7 +321,7 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1):
                                               configs.dot_precision(q.dtype))
 
     def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads, num_splits)
+        return (triton.cdiv(rows, meta["BLOCK_M"]), batch * programs, num_splits)
 
     kernel[grid](
         q, k, v, out_k, lse_k, alibi, kv_lists, mask_data, cu_q, cu_k, seqlens_k, batch_idx,
@@ -300,18 +334,60 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1):
         HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim), **opts.flags(),
         **opts.mask_flags(),
         DOT_PRECISION=configs.dot_precision(q.dtype), USE_TMA=use_tma, **kv_flags,
-        SPLIT_KV=split, **launch,
+        SPLIT_KV=split, PACK_GQA=pack, **launch,
     )
     if not split:
         return out, lse
     return combine_splits(out, lse, q.dtype)
 
 
-def combine_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
-    """Partial results (S, B, Nq, H, D), (S, B, H, Nq) of disjoint key chunks -> out, lse:
-    LSE = log Σ_s exp(LSE_s), O = Σ_s exp(LSE_s - LSE) O_s (a split that saw no key has
-    LSE_s = -inf and weight 0; a row that saw none anywhere gives 0 and -inf)."""
-    total = torch.logsumexp(lse, dim=0)  # (B, H, Nq)
-    weight = torch.exp(lse - torch.where(total == float("-inf"), 0.0, total))  # (S, B, H, Nq)
-    combined = (out * weight.permute(0, 1, 3, 2)[..., None]).sum(0)
-    return combined.to(dtype), total
+@triton.jit
+def _combine_splits(
+    O_part, LSE_part, O, LSE,
+    stride_ps, stride_pb, stride_pm, stride_ph, stride_pd,
+    stride_ls, stride_lb, stride_lh, stride_lm,
+    stride_ob, stride_om, stride_oh, stride_od,
+    nheads, seqlen_q, num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """One (batch, query, head) row: LSE = log Σ_s exp(LSE_s), O = Σ_s exp(LSE_s - LSE) O_s
+    (docs/derivation.md §16). Grid: (batch · seqlen_q · nheads,)."""
+    row = tl.program_id(0).to(tl.int64)
+    off_h = row % nheads
+    off_m = (row // nheads) % seqlen_q
+    off_b = row // (nheads * seqlen_q)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    lse_s = tl.load(LSE_part + offs_s * stride_ls + off_b * stride_lb + off_h * stride_lh
+                    + off_m * stride_lm, mask=offs_s < num_splits, other=float("-inf"))
+    # -- a split that saw no key has LSE_s = -inf, weight 0; a row that saw none: O 0, -inf --
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    w = w / tl.where(total == 0.0, 1.0, total)
+    o_part = tl.load(O_part + offs_s[:, None] * stride_ps + off_b * stride_pb
+                     + off_m * stride_pm + off_h * stride_ph + offs_d[None, :] * stride_pd,
+                     mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM),
+                     other=0.0)
+    o = tl.sum(o_part * w[:, None], 0)
+    tl.store(O + off_b * stride_ob + off_m * stride_om + off_h * stride_oh + offs_d * stride_od,
+             o.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    lse = tl.where(total == 0.0, float("-inf"), m_safe + tl.log(total))
+    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + off_m * stride_lm, lse)
+
+
+def combine_splits(out_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype):
+    """Partial results (S, B, Nq, H, D) and (S, B, H, Nq) of disjoint key chunks -> out
+    (B, Nq, H, D) in `dtype`, lse (B, H, Nq) float32 (float64 partials give float64). One
+    launch."""
+    splits, batch, seqlen_q, nheads, head_dim = out_part.shape
+    out = torch.empty(out_part.shape[1:], device=out_part.device, dtype=dtype)
+    lse = torch.empty(lse_part.shape[1:], device=out.device,
+                      dtype=torch.promote_types(lse_part.dtype, torch.float32))
+    _combine_splits[(batch * seqlen_q * nheads,)](
+        out_part, lse_part, out, lse, *out_part.stride(), *lse_part.stride(), *out.stride(),
+        nheads, seqlen_q, splits, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=configs.head_dim_pad(head_dim),
+        SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+    return out, lse
