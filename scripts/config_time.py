@@ -21,8 +21,8 @@ for D, causal, N in shapes:
     q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flops = 4 * B * H * N * N * D / (2 if causal else 1)
 
-    def fwd():
-        return flashtile.flash_attn_func(q, k, v, causal=bool(causal))
+    def fwd(q=q, k=k, v=v, causal=bool(causal)):
+        return flashtile.flash_attn_func(q, k, v, causal=causal)
 
     for cfg in configs.candidates("fwd", configs.head_dim_pad(D), "tf32"):
         configs.set_override("fwd", configs.KernelConfig(*cfg))

@@ -169,3 +169,22 @@ def test_empty_inputs_launch_nothing(shape_q, shape_k, dev, monkeypatch):
     out.sum().backward()
     for t in (q, k, v):
         assert t.grad.shape == t.shape and bool((t.grad == 0).all())
+
+
+def test_backward_reads_lse_through_a_view(dev):
+    """The backward given lse as a slice of a larger tensor (ring attention passes the rows of
+    its global lse): the same gradients as with a contiguous copy, and nothing written outside
+    the Delta buffer (it once took lse's strides for a buffer shaped like the slice)."""
+    from flashtile.interface import _backward, _forward, _options
+
+    q, k, v = random_qkv(1, 37, 29, 2, 16, torch.float32, dev)
+    opts = _options(1, 2, 16, dev, softmax_scale=None, causal=True, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, diag_offset=29 - 37)
+    out, lse = _forward(q, k, v, opts)
+    wide = torch.full((1, 2, 3 * 37), float("nan"), device=dev)
+    wide[:, :, 37:74] = lse
+    dout = torch.randn_like(out)
+    want = _backward(dout, q, k, v, out, lse, opts)
+    got = _backward(dout, q, k, v, out, wide[:, :, 37:74], opts)
+    for name, w, g in zip(("dq", "dk", "dv"), want, got):
+        assert torch.equal(w, g), f"{name} differs when lse is a view"

@@ -893,13 +893,14 @@ def test_modified_tiled_algorithm(case):
         torch.testing.assert_close(got, want, **TOL)
 
 
-def test_split_kv_combine_is_exact():
-    """§16: partial (O_s, LSE_s) over disjoint key chunks combine to the full O and LSE."""
+def test_split_kv_combine_is_exact(dev):
+    """§16: partial (O_s, LSE_s) over disjoint key chunks combine to the full O and LSE
+    (the combine kernel, in float64)."""
     from flashtile.kernels.forward import combine_splits
 
     B, H, Nq, Nk, D = 2, 3, 4, 50, 8
-    S = torch.randn(B, H, Nq, Nk, dtype=torch.float64) * 3
-    V = torch.randn(B, H, Nk, D, dtype=torch.float64)
+    S = torch.randn(B, H, Nq, Nk, dtype=torch.float64, device=dev) * 3
+    V = torch.randn(B, H, Nk, D, dtype=torch.float64, device=dev)
     S[0, 0, 0] = float("-inf")  # a row that sees nothing
     S[1, :, :, 20:35] = float("-inf")  # a chunk that sees nothing
     chunks = [slice(0, 20), slice(20, 35), slice(35, 50)]

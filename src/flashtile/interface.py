@@ -194,8 +194,12 @@ def _options(batch: int, nheads: int, head_dim: int, device, *, softmax_scale, c
     )
 
 
-def _probs(q, k, lse, opts: AttnOptions) -> torch.Tensor:
-    """return_attn_probs: the probabilities kernel, or zeros when there is nothing to launch."""
+@torch.compiler.disable(reason="return_attn_probs runs in eager mode only: the probabilities "
+                        "kernel is launched outside the flashtile ops")
+def _probs(q, k, lse, opts: AttnOptions, seed: torch.Tensor | None) -> torch.Tensor:
+    """return_attn_probs: the probabilities kernel, or zeros when there is nothing to launch.
+    Under torch.compile, behind a graph break (fullgraph=True: an error)."""
+    opts = _seeded(opts, seed)
     if not _nothing_to_launch(q, k):
         return attention_probs(q.detach(), k.detach(), lse, opts)
     batch, seqlen_q, seqlen_k = opts.problem(q, k)
@@ -306,13 +310,18 @@ def flash_attn_func(
             (batch, nheads, seqlen_q, seqlen_k) float32: zero where masked or dropped, kept
             entries scaled by 1 / (1 - dropout_p), so that out = probs @ v. This writes an
             N×N matrix: for tests and visualization at small sizes. No gradient flows through
-            probs.
+            probs. Eager only: torch.compile runs it behind a graph break.
         return_lse: also return the log-sum-exp of each row of scaled scores.
         mask_mod: a mask predicate (flashtile.masks): a @triton.jit function
             (b, h, q_idx, kv_idx) -> keep, or a masks.MaskMod with the data it reads, such as
             masks.document(doc_ids). ANDed with causal and window_size. A block map of it is
             built once per mask and shape and cached on the mask; tiles it leaves empty are
-            skipped, so sparse masks run faster in proportion.
+            skipped, so sparse masks run faster in proportion. Eager only: a predicate cannot
+            cross the flashtile ops (ops.py), so torch.compile runs such a call behind a graph
+            break (an error with fullgraph=True) and torch.export refuses it.
+
+    Under torch.compile and torch.export the call is the custom ops flashtile::fwd and
+    flashtile::bwd (flashtile/ops.py): no graph break.
 
     Returns:
         out: (batch, seqlen_q, nheads, headdim), the dtype of q.
@@ -333,7 +342,7 @@ def flash_attn_func(
     else:
         out, lse, opts = _masked_attention(q, k, v, opts, mask_mod, seed)
     if return_attn_probs:
-        return out, lse, _probs(q, k, lse, _seeded(opts, seed))
+        return out, lse, _probs(q, k, lse, opts, seed)
     return (out, lse) if return_lse else out
 
 
@@ -386,6 +395,8 @@ def flash_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 cumulative lengths: sequence i's queries
             are rows cu_seqlens_q[i] .. cu_seqlens_q[i + 1] - 1. Empty sequences are allowed.
         max_seqlen_q, max_seqlen_k: at least the longest sequence (checked).
+        The cumulative lengths' values and max_seqlen_q, max_seqlen_k against them are checked in
+        eager mode only: under torch.compile and torch.export reading them would break the graph.
         The other arguments as in flash_attn_func; causal and window_size are aligned to each
         sequence's own bottom-right corner, alibi_slopes may be (batch, nheads).
 
@@ -417,7 +428,7 @@ def flash_attn_varlen_func(
     out4, lse4 = ops.attention(q4, k4, v4, opts, seed)
     out, lse = out4.squeeze(0), lse4.squeeze(0)  # (total_q, H, D), (H, total_q)
     if return_attn_probs:
-        return out, lse, _probs(q4, k4, lse4, _seeded(opts, seed))
+        return out, lse, _probs(q4, k4, lse4, opts, seed)
     return (out, lse) if return_lse else out
 
 
@@ -565,7 +576,7 @@ def flash_attn_with_kvcache(
         lse = torch.full((batch, nheads, seqlen_q), float("-inf"), device=device)
     else:
         with torch.no_grad():
-            out, lse = attention_forward(q, keys, values, opts, num_splits=splits)
+            out, lse = ops.attention_kvcache(q, keys, values, opts, splits)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -461,6 +461,9 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     nheads_k = k.shape[2]
     batch, seqlen_q, seqlen_k = opts.problem(q, k)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # LSE and Delta share one set of strides, with rows at unit stride: a view of a larger lse
+    # (a slice, as ring attention passes) is copied first
+    lse = lse.contiguous()
     delta = torch.empty_like(lse)
     alibi, stride_ab = opts.alibi(lse)
     cu_q, cu_k = opts.cu_seqlens(lse)
