@@ -1,0 +1,1 @@
+"""Adapters that plug flashtile's kernels into other libraries."""
