@@ -36,12 +36,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 import flashtile
 
 DATA = Path(__file__).resolve().parent / "data" / "persuasion.txt"
-ATTENTIONS = ("flashtile", "sdpa")
+# sdpa-efficient: SDPA with its memory-efficient backend forced, another exact attention with
+# its own rounding. Beside flashtile vs sdpa it shows how far two exact kernels drift apart.
+ATTENTIONS = ("flashtile", "sdpa", "sdpa-efficient")
 
 # -- the model ---------------------------------------------------------------------------------
 
@@ -76,10 +79,13 @@ class CausalSelfAttention(nn.Module):
         if self.attention == "flashtile":
             y = flashtile.flash_attn_func(q, k, v, causal=True)  # (B, T, H, D)
         else:
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, D)
-                is_causal=True,
-            ).transpose(1, 2)  # (B, T, H, D)
+            forced = (sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)
+                      if self.attention == "sdpa-efficient" else contextlib.nullcontext())
+            with forced:
+                y = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, D)
+                    is_causal=True,
+                ).transpose(1, 2)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -195,7 +201,7 @@ class TrainConfig:
 # nanoGPT's Shakespeare-char model, and one that the Triton interpreter runs in about a minute on
 # two cores (head dim 16, the smallest tl.dot size). The tiny lr is high enough that the loss falls
 # from ln(75) = 4.32 to about the unigram entropy (3.07) in 30 steps; 1e-2 makes it spike.
-FULL = dict(steps=2000, batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384,
+FULL = dict(steps=300, batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384,
             lr=1e-3, warmup_steps=5, eval_batches=20)
 TINY = dict(steps=30, batch_size=2, block_size=64, n_layer=2, n_head=2, n_embd=32,
             lr=5e-3, warmup_steps=1, eval_batches=2)
@@ -344,7 +350,9 @@ def _environment(device: torch.device) -> dict[str, str]:
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--attention", choices=(*ATTENTIONS, "both"), default="both")
+    p.add_argument("--attention", choices=(*ATTENTIONS, "both", "all"), default="both",
+                   help="both: flashtile and sdpa; all: also sdpa-efficient, whose distance "
+                        "from sdpa is the drift between two exact kernels")
     p.add_argument("--tiny", action="store_true",
                    help="the CPU preset: 2 layers, 2 heads of dim 16, block 64, 30 steps")
     for name, kind in (("steps", int), ("batch-size", int), ("block-size", int),
@@ -389,7 +397,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
     data = load_chars()
-    attentions = ATTENTIONS if args.attention == "both" else (args.attention,)
+    attentions = {"both": ATTENTIONS[:2], "all": ATTENTIONS}.get(args.attention,
+                                                                 (args.attention,))
     device = torch.device(cfg.device)
     env = _environment(device)
     print(f"{env['device']}; torch {env['torch']}, triton {env['triton']}, "
@@ -418,14 +427,18 @@ def main(argv: list[str] | None = None) -> int:
               f"interpreter together, was {_mib(_max_rss_bytes())}")
 
     comparison = None
-    if len(results) == 2:
-        comparison = compare(*results)
-        a, b = results
-        print(f"\nloss curves, {a.attention} vs {b.attention}, over {cfg.steps} steps: "
-              f"max |diff| {comparison['max_abs_diff']:.3g} "
-              f"(max relative {comparison['max_rel_diff']:.3g}); final losses "
-              f"{a.losses[-1]:.6f} and {b.losses[-1]:.6f}; val losses "
-              f"{a.val_loss:.6f} and {b.val_loss:.6f}")
+    by_name = {r.attention: r for r in results}
+    pairs = [(x, "sdpa") for x in ("flashtile", "sdpa-efficient") if x in by_name]
+    if "sdpa" in by_name and pairs:
+        comparisons = {f"{x} vs sdpa": compare(by_name[x], by_name["sdpa"]) for x, _ in pairs}
+        comparison = comparisons["flashtile vs sdpa" if "flashtile" in by_name
+                                 else "sdpa-efficient vs sdpa"]
+        for label, c in comparisons.items():
+            a, b = label.split(" vs ")
+            print(f"\nloss curves, {label}, over {cfg.steps} steps: max |diff| "
+                  f"{c['max_abs_diff']:.3g} (max relative {c['max_rel_diff']:.3g}); final "
+                  f"losses {by_name[a].losses[-1]:.6f} and {by_name[b].losses[-1]:.6f}; val "
+                  f"losses {by_name[a].val_loss:.6f} and {by_name[b].val_loss:.6f}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "loss.png")
@@ -436,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                   vocab_size=len(data.vocab)),
         runs={r.attention: dataclasses.asdict(r) for r in results},
         comparison=comparison,
+        comparisons=comparisons if comparison is not None else None,
         process_max_rss_bytes=_max_rss_bytes() if device.type == "cpu" else None,
     )
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -20,6 +20,14 @@ from flashtile.testing import assert_close, tolerance  # noqa: E402
 SEQLEN, VOCAB, WINDOW = 13, 97, 4
 
 
+@pytest.fixture(autouse=True)
+def on_device(dev):
+    """Models and inputs on the test device (the GPU where there is one)."""
+    torch.set_default_device(dev)
+    yield
+    torch.set_default_device(None)
+
+
 def config(family: str):
     """A fresh config per model: from_config keeps the object and sets its implementation."""
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
