@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import triton
+from tqdm import tqdm
 
 import flashtile
 from flashtile.bench import decode, varlen
@@ -257,15 +258,23 @@ def main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     results: list[Result] = []
+    # a progress bar on stderr over shapes × providers; the log lines print above it
+    bar = tqdm(total=len(shapes) * len(providers), desc="flashtile bench", unit="run",
+               file=sys.stderr, dynamic_ncols=True)
+    log = functools.partial(tqdm.write, file=sys.stdout)
     for i, shape in enumerate(shapes, 1):
         log(f"[{i}/{len(shapes)}, {time.perf_counter() - start:.0f} s] {shape.label()}")
         q, k, v, dout = _inputs(shape, dtype)
         for name in providers:
+            bar.set_postfix_str(f"{shape.label()} {name}")
             results += measure_provider(name, PROVIDERS[name], shape, q, k, v, dout, modes,
                                         preset.warmup_ms, preset.rep_ms, log)
             torch.cuda.empty_cache()  # each provider starts from the same free memory
+            bar.update()
         del q, k, v, dout
         write_reports(out_dir, results, meta, plot=False)  # a cut-short run keeps its rows
+    bar.close()
+    log = functools.partial(print, flush=True)
 
     log(f"\ndone in {time.perf_counter() - start:.0f} s; TFLOP/s ({args.dtype}):\n")
     log(tflops_table(results))

@@ -172,8 +172,10 @@ def pruner(kernel: str):
         wanted = set(candidates(kernel, kwargs["HEAD_DIM_PAD"], kwargs["DOT_PRECISION"],
                                 decode=bool(kwargs.get("KV_CACHE", False))))
         kept = [c for c in configs if _tag(c) in wanted]
-        log.info("flashtile: autotuning %s for head dim %d over %d configs (once per shape "
-                 "bucket; cached on disk)", kernel, kwargs["HEAD_DIM"], len(kept))
+        # a warning, so that it shows without any logging set up: it explains the pause
+        log.warning("flashtile: autotuning %s for head dim %d over %d configs (first call "
+                    "of this shape bucket; the choice is cached on disk)", kernel,
+                    kwargs["HEAD_DIM"], len(kept))
         return kept
 
     return prune
