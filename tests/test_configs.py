@@ -60,7 +60,7 @@ def test_select_fixed_override_or_tuned(tunable, monkeypatch):
     finally:
         configs.set_override(tunable.name, None)
     monkeypatch.setattr(configs, "interpreting", lambda: False)  # as on a GPU
-    assert tunable.select(128, "tf32") == (tunable.tuned, {})
+    assert tunable.select(128, "tf32") == (tunable.remembered, {})
     # FLASHTILE_AUTOTUNE=0: the first candidate of the head dim, no tuning
     monkeypatch.setenv("FLASHTILE_AUTOTUNE", "0")
     m, n, w, st = configs.candidates(tunable.name, 512, "tf32")[0]
@@ -99,3 +99,33 @@ def test_decode_candidates_are_tuned_for_the_kv_cache_forward():
     kept = prune(configs.tuning_space("fwd"), {}, HEAD_DIM=128, HEAD_DIM_PAD=128,
                  DOT_PRECISION="tf32", KV_CACHE=True)
     assert {configs._tag(c) for c in kept} == set(decode)
+
+
+def test_remembered_tunes_once_then_launches_the_choice(monkeypatch):
+    """The autotuner runs on a key's first call; later calls launch its choice on the kernel."""
+    calls = []
+
+    class FakeKernel:
+        arg_names = ["Q", "seqlen_bucket", "group"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("kernel", args[1], kwargs))
+
+    class FakeTuned:
+        keys = ["HEAD_DIM_PAD", "seqlen_bucket", "group"]
+        best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("tuned", args[1], kwargs))
+
+    tunable = configs.Tunable.__new__(configs.Tunable)
+    tunable.kernel, tunable.tuned = FakeKernel(), FakeTuned()
+    remembered = configs.Remembered(tunable)
+    q = torch.zeros(1, dtype=torch.float16)
+    for bucket in (10, 10, 11, 10):
+        remembered[(1,)](q, bucket, 2, HEAD_DIM_PAD=128)
+    assert [(c[0], c[1]) for c in calls] == [("tuned", 10), ("kernel", 10), ("tuned", 11),
+                                             ("kernel", 10)]
+    assert calls[1][2] == {"HEAD_DIM_PAD": 128,
+                           **FakeTuned.best_config.all_kwargs()}  # blocks, warps, stages
+    assert {"BLOCK_M": 64, "num_stages": 3}.items() <= calls[1][2].items()

@@ -189,7 +189,7 @@ TUNING_KEY = ["HEAD_DIM_PAD", "DOT_PRECISION", "seqlen_bucket", "USE_TMA",
 class Tunable:
     """A kernel beside its autotuned twin. `select(head_dim_padded, precision)` gives what to
     launch: the kernel with a fixed config (interpreter, override, FLASHTILE_AUTOTUNE=0), else
-    the autotuner over `tuning_space(name)`, keyed by TUNING_KEY."""
+    the autotuner over `tuning_space(name)`, keyed by TUNING_KEY, through `Remembered`."""
 
     def __init__(self, name: str, kernel, extra_key: tuple[str, ...] = ()):
         self.name = name
@@ -197,10 +197,42 @@ class Tunable:
         self.tuned = triton.autotune(
             tuning_space(name), key=TUNING_KEY + list(extra_key), cache_results=True,
             prune_configs_by={"early_config_prune": pruner(name)})(kernel)
+        self.remembered = Remembered(self)
 
     def select(self, head_dim_padded: int, precision: str):
         fixed = fixed_config(self.name, head_dim_padded, precision)
-        return (self.kernel, fixed.launch_kwargs()) if fixed else (self.tuned, {})
+        return (self.kernel, fixed.launch_kwargs()) if fixed else (self.remembered, {})
+
+
+class Remembered:
+    """`tunable.remembered[grid](*args, **kwargs)`: the autotuner on the first call of a tuning
+    key, then its choice launched on the kernel directly. triton.autotune's own call binds every
+    argument by name each time: on the H100's host that Python took as long as a small
+    problem's GPU work (docs/performance.md, v5 outcome)."""
+
+    def __init__(self, tunable: Tunable):
+        self.tunable = tunable
+        self.best: dict[tuple, dict] = {}  # tuning key + dtype -> the config's launch kwargs
+        self._index: dict[str, int] | None = None
+
+    def key(self, args: tuple, kwargs: dict) -> tuple:
+        if self._index is None:
+            self._index = {n: i for i, n in enumerate(self.tunable.kernel.arg_names)}
+        values = [kwargs[n] if n in kwargs else args[self._index[n]]
+                  for n in self.tunable.tuned.keys]
+        return (*values, args[0].dtype)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            key = self.key(args, kwargs)
+            best = self.best.get(key)
+            if best is None:
+                self.tunable.tuned[grid](*args, **kwargs)
+                self.best[key] = self.tunable.tuned.best_config.all_kwargs()
+            else:
+                self.tunable.kernel[grid](*args, **kwargs, **best)
+
+        return launch
 
 
 def dot_precision(dtype: torch.dtype) -> str:
