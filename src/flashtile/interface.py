@@ -548,6 +548,23 @@ def flash_attn_with_kvcache(
         if min(cache_seqlens.tolist(), default=0) < 0 or max(lengths, default=0) > capacity:
             raise ValueError(f"cache_seqlens + seqlen_new must lie in [0, {capacity}] (the "
                              f"cache's capacity), got lengths {lengths[:8]}")
+        rows = k_cache.shape[0]  # pages of a paged cache, else cache rows
+        if block_table is not None:
+            # the pages each entry reads or appends to: its first ceil(length / page) entries
+            used = (torch.arange(block_table.shape[1], device=device)[None, :]
+                    < (seqlens_k[:, None] + page - 1) // page)
+            bad = used & ((block_table < 0) | (block_table >= rows))
+            if bool(bad.any()):
+                b, j = (int(x) for x in bad.nonzero()[0])
+                raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} points "
+                                 f"outside the paged cache: page indices must lie in [0, "
+                                 f"{rows}) (k_cache.shape[0], the number of pages)")
+        elif cache_batch_idx is not None:
+            bad = (batch_idx < 0) | (batch_idx >= rows)
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0, 0])
+                raise ValueError(f"cache_batch_idx[{b}] = {int(batch_idx[b])} points outside "
+                                 f"the cache: rows must lie in [0, {rows}) (k_cache.shape[0])")
     if seqlen_new:
         # append in place: rows cache_seqlens .. + seqlen_new of each entry's cache
         positions = cache_seqlens[:, None].long() + torch.arange(seqlen_new, device=device)
