@@ -245,6 +245,12 @@ def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
     synchronization, and no host read in a compiled graph)."""
     if dropout_p == 0:
         return None
+    if (not torch.compiler.is_compiling() and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing()):
+        raise NotImplementedError(
+            "dropout_p > 0 while a CUDA graph is captured: the dropout seed is drawn on the "
+            "host, so every replay would apply the same dropout mask; capture without dropout "
+            "or run this call outside the graph")
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
@@ -358,7 +364,7 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> int:
                          f"lengths, got {cu.dtype} of shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
-    if torch.compiler.is_compiling():
+    if _capturing(device):  # torch.compile tracing or a CUDA graph capture: no host read
         return 0
     values = cu.tolist()
     if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
