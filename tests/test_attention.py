@@ -188,3 +188,17 @@ def test_backward_reads_lse_through_a_view(dev):
     got = _backward(dout, q, k, v, out, wide[:, :, 37:74], opts)
     for name, w, g in zip(("dq", "dk", "dv"), want, got):
         assert torch.equal(w, g), f"{name} differs when lse is a view"
+
+
+def test_float32_partial_output_rounds_to_the_16bit_one(dev):
+    """_forward(..., out_dtype=float32), the partial results ring attention merges: the same
+    accumulator stored before rounding, so rounding it gives the 16-bit output bit for bit."""
+    from flashtile.interface import _forward, _options
+
+    q, k, v = random_qkv(2, 45, 70, 2, 32, torch.float16, dev)
+    opts = _options(2, 2, 32, dev, softmax_scale=None, causal=True, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, diag_offset=70 - 45)
+    out16, lse16 = _forward(q, k, v, opts)
+    out32, lse32 = _forward(q, k, v, opts, out_dtype=torch.float32)
+    assert out32.dtype == torch.float32 and torch.equal(lse32, lse16)
+    assert torch.equal(out32.to(torch.float16), out16)

@@ -49,14 +49,15 @@ def _nothing_to_launch(q, k) -> bool:
     return q.numel() == 0 or k.numel() == 0
 
 
-def _forward(q, k, v, opts: AttnOptions):
+def _forward(q, k, v, opts: AttnOptions, out_dtype: torch.dtype | None = None):
+    """out (in out_dtype, default q's) and lse; see attention_forward."""
     batch, seqlen_q, nheads, _ = q.shape
     if _nothing_to_launch(q, k):
         # Nothing to launch. With no keys every row sees nothing: out = 0, lse = -inf.
-        out = torch.zeros_like(q)
+        out = torch.zeros_like(q, dtype=out_dtype)
         lse = torch.full((batch, nheads, seqlen_q), float("-inf"), device=q.device)
         return out, lse
-    return attention_forward(q, k, v, opts)
+    return attention_forward(q, k, v, opts, out_dtype=out_dtype)
 
 
 def _backward(dout, q, k, v, out, lse, opts: AttnOptions):

@@ -221,10 +221,12 @@ OptionsFor = Callable[[BlockCall], AttnOptions]
 def forward_block(q: torch.Tensor, kv: torch.Tensor, calls: Sequence[BlockCall],
                   options: OptionsFor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Attend the shard's queries q (B, N, H, D) to one block kv (2, B, Nk, H_k, D) (K then V),
-    merging each call's partial result into out (B, N, H, D) and lse (B, H, N), float32."""
+    merging each call's partial result into out (B, N, H, D) and lse (B, H, N), float32. The
+    kernel writes each partial in float32 too: only the merged out is rounded to q's dtype, as
+    single-GPU flashtile rounds its one result."""
     for call in calls:
         out_s, lse_s = _forward(q[:, call.rows], kv[0, :, call.cols], kv[1, :, call.cols],
-                                options(call))
+                                options(call), out_dtype=torch.float32)
         merge_(out[:, call.rows], lse[:, :, call.rows], out_s, lse_s)
 
 

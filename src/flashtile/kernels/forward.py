@@ -286,14 +286,17 @@ _attn_fwd_tunable = configs.Tunable("fwd", _attn_fwd,
                                     extra_key=("KV_CACHE", "PAGED", "PAGE", "SPLIT_KV"))
 
 
-def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1):
+def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
+                      out_dtype: torch.dtype | None = None):
     """Launch the forward. q: (B, Nq, H, D), k, v: (B, Nk, H_k, D), H % H_k == 0, any strides.
 
     num_splits > 1 (KV caches: split-KV, flash-decoding) cuts every row's keys into that many
     chunks, one program each, and combines the partial results by their LSE.
-    Returns out (B, Nq, H, D) in q's dtype, with q's memory layout, and lse (B, H, Nq) float32,
+    Returns out (B, Nq, H, D) in out_dtype (default q's dtype; float32 for partial results that
+    are merged later, as ring attention's), with q's memory layout, and lse (B, H, Nq) float32,
     natural log. Inputs are assumed validated (interface.py).
     """
+    out_dtype = out_dtype or q.dtype
     _, _, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     batch, seqlen_q, seqlen_k = opts.problem(q, k)
@@ -308,7 +311,7 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1):
                           dtype=torch.float32)
         out_k, lse_k = out[0], lse[0]  # what the kernel indexes; splits by stride
     else:
-        out_k = out = torch.empty_like(q)
+        out_k = out = torch.empty_like(q, dtype=out_dtype)
         lse_k = lse = torch.empty(q.shape[0], nheads, q.shape[1], device=q.device,
                                   dtype=torch.float32)
     alibi, stride_ab = opts.alibi(lse_k)
@@ -338,7 +341,7 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1):
     )
     if not split:
         return out, lse
-    return combine_splits(out, lse, q.dtype)
+    return combine_splits(out, lse, out_dtype)
 
 
 @triton.jit
