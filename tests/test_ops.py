@@ -19,7 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import flashtile
 from flashtile import masks
-from flashtile.testing import FLOOR, assert_close
+from flashtile.testing import FLOOR, assert_close, reference_attention, tolerance
 
 FWD, BWD = torch.ops.flashtile.fwd.default, torch.ops.flashtile.bwd.default
 
@@ -317,3 +317,21 @@ def test_inductor_decode_step_matches_eager(num_splits, dev):
         atol = 2 * FLOOR[torch.float16] * max(1.0, want.abs().max().item())
         assert_close(f"inductor decode step {field}", runs["compiled"][field], want, atol)
     assert counter.frame_count == 1
+
+
+def test_eager_calls_skip_the_op_dispatch(dev, monkeypatch):
+    """In eager mode the kernels run through the autograd Function, not the ops (whose dispatch
+    costs more host time); the compiler alone sees the ops (tests above)."""
+    from flashtile import ops
+
+    def no_op(*args, **kwargs):
+        raise AssertionError("an eager call went through the custom op")
+
+    monkeypatch.setattr(ops, "attention", no_op)
+    monkeypatch.setattr(ops, "attention_kvcache", no_op)
+    q, k, v = (torch.randn(1, 9, 2, 16, device=dev, requires_grad=True) for _ in range(3))
+    out = flashtile.flash_attn_func(q, k, v, causal=True)
+    out.sum().backward()
+    want = reference_attention(q, k, v, torch.ones_like(out), causal=True)
+    assert_close("eager out", out, want.out, tolerance(want.out, want.out, torch.float32))
+    flashtile.flash_attn_with_kvcache(q.detach(), k.detach(), v.detach(), cache_seqlens=9)

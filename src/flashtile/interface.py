@@ -26,8 +26,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _FlashAttnFunction(torch.autograd.Function):
-    """Calls with a mask predicate, in eager mode only: a @triton.jit function cannot cross the
-    schema of the flashtile ops (ops.py), which every other call goes through."""
+    """The eager path: every call in eager mode (see _attention), and calls with a mask
+    predicate, which cannot cross the schema of the flashtile ops (ops.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, opts: AttnOptions):
@@ -42,6 +42,17 @@ class _FlashAttnFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.opts)
         return dq, dk, dv, None
+
+
+def _attention(q, k, v, opts: AttnOptions, seed: torch.Tensor | None):
+    """out, lse. Under torch.compile and torch.export: the custom op flashtile::fwd (ops.py),
+    which the compiler sees as one node. In eager mode: the same launches through
+    _FlashAttnFunction, whose dispatch costs a fifth of the op's (host Python per forward with
+    gradients, launch excluded: ~23 against ~108 µs on a CI core), and on the GPU's host that
+    time is as long as a small problem's kernels."""
+    if torch.compiler.is_compiling():
+        return ops.attention(q, k, v, opts, seed)
+    return _FlashAttnFunction.apply(q, k, v, _seeded(opts, seed))
 
 
 def _nothing_to_launch(q, k) -> bool:
@@ -328,7 +339,8 @@ def flash_attn_func(
             break (an error with fullgraph=True) and torch.export refuses it.
 
     Under torch.compile and torch.export the call is the custom ops flashtile::fwd and
-    flashtile::bwd (flashtile/ops.py): no graph break.
+    flashtile::bwd (flashtile/ops.py): no graph break. In eager mode the same kernels run
+    through an autograd Function, whose dispatch costs less host time.
 
     Returns:
         out: (batch, seqlen_q, nheads, headdim), the dtype of q.
@@ -345,7 +357,7 @@ def flash_attn_func(
                     diag_offset=k.shape[1] - q.shape[1])
     seed = _dropout_seed(opts.dropout_p)
     if mask_mod is None:
-        out, lse = ops.attention(q, k, v, opts, seed)
+        out, lse = _attention(q, k, v, opts, seed)
     else:
         out, lse, opts = _masked_attention(q, k, v, opts, mask_mod, seed)
     if return_attn_probs:
@@ -432,7 +444,7 @@ def flash_attn_varlen_func(
                     varlen=(cu_seqlens_q, cu_seqlens_k, max(max_seqlen_q, 1),
                             max(max_seqlen_k, 1)))
     seed = _dropout_seed(opts.dropout_p)
-    out4, lse4 = ops.attention(q4, k4, v4, opts, seed)
+    out4, lse4 = _attention(q4, k4, v4, opts, seed)
     out, lse = out4.squeeze(0), lse4.squeeze(0)  # (total_q, H, D), (H, total_q)
     if return_attn_probs:
         return out, lse, _probs(q4, k4, lse4, opts, seed)
@@ -600,7 +612,10 @@ def flash_attn_with_kvcache(
         lse = torch.full((batch, nheads, seqlen_q), float("-inf"), device=device)
     else:
         with torch.no_grad():
-            out, lse = ops.attention_kvcache(q, keys, values, opts, splits)
+            if torch.compiler.is_compiling():  # one node for the compiler (ops.py)
+                out, lse = ops.attention_kvcache(q, keys, values, opts, splits)
+            else:  # eager: the launcher itself, without the op's dispatch
+                out, lse = attention_forward(q, keys, values, opts, num_splits=splits)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -702,6 +717,6 @@ def scaled_dot_product_attention(
         window_right=0 if is_causal else -1,
         dropout_p=dropout_p,
     )
-    out, _ = ops.attention(q, k, v, opts, _dropout_seed(dropout_p))
+    out, _ = _attention(q, k, v, opts, _dropout_seed(dropout_p))
     out = out.transpose(1, 2)  # (B, H, L, E)
     return out.squeeze(1) if squeeze else out

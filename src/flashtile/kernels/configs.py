@@ -50,8 +50,10 @@ def interpreting() -> bool:
 
 
 def head_dim_pad(head_dim: int) -> int:
-    """Head dims are padded to a power of two (at least 16, the smallest tl.dot size)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    """Head dims are padded to a power of two (at least 16, the smallest tl.dot size). Plain
+    Python: triton.next_power_of_2 is a jit-capable function whose host call costs µs, and
+    every launch asks this several times."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def seqlen_bucket(seqlen_q: int, seqlen_k: int) -> int:
