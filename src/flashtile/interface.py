@@ -189,14 +189,15 @@ def _alibi(alibi_slopes, batch: int, nheads: int, device) -> torch.Tensor | None
 
 
 def _options(batch: int, nheads: int, head_dim: int, device, *, softmax_scale, causal,
-             window_size, softcap, alibi_slopes, dropout_p=0.0, **layout) -> AttnOptions:
+             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+             scale_name: str = "softmax_scale", **layout) -> AttnOptions:
     """The options every entry point shares, validated; causal folds into the window's right
     side (0). The dropout seed is the caller's (_dropout_seed). `layout`: diag_offset, varlen
     or kvcache."""
     dropout_p = _dropout_p(dropout_p)
     window_left, window_right = _window(window_size)
     return AttnOptions(
-        softmax_scale=_softmax_scale(softmax_scale, head_dim),
+        softmax_scale=_softmax_scale(softmax_scale, head_dim, scale_name),
         window_left=window_left,
         window_right=0 if causal else window_right,
         softcap=_softcap(softcap),
@@ -710,13 +711,9 @@ def scaled_dot_product_attention(
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, N, H, E) views
     _check_qkv(q, k, v, names)
-    dropout_p = _dropout_p(dropout_p)
-    opts = AttnOptions(
-        softmax_scale=_softmax_scale(scale, q.shape[-1], "scale"),
-        diag_offset=0,
-        window_right=0 if is_causal else -1,
-        dropout_p=dropout_p,
-    )
-    out, _ = _attention(q, k, v, opts, _dropout_seed(dropout_p))
+    # torch's is_causal is top-left aligned: the diagonal at offset 0
+    opts = _options(q.shape[0], q.shape[2], q.shape[3], q.device, softmax_scale=scale,
+                    causal=is_causal, dropout_p=dropout_p, scale_name="scale", diag_offset=0)
+    out, _ = _attention(q, k, v, opts, _dropout_seed(opts.dropout_p))
     out = out.transpose(1, 2)  # (B, H, L, E)
     return out.squeeze(1) if squeeze else out
