@@ -143,6 +143,9 @@ def i32(values):
         4, 24, 2, 16, device=dev, dtype=torch.float16)), ValueError,
      r"page size \(k_cache.shape\[1\]\) must be a multiple of 16, got 24"),
     (dict(num_splits=-1), ValueError, r"num_splits must be an int >= 0"),
+    (dict(k_cache=lambda dev: torch.randn(1, 32, 2, 16, device=dev, dtype=torch.float16),
+          v_cache=lambda dev: torch.randn(1, 32, 2, 16, device=dev, dtype=torch.float16)),
+     ValueError, r"k_cache has 1 rows but q has batch 2: without cache_batch_idx"),
     (dict(q=lambda dev: torch.randn(2, 1, 3, 16, device=dev, dtype=torch.float16)), ValueError,
      r"q has 3 heads, which is not a multiple of k_cache's 2"),
 ], ids=["overflow", "int64_seqlens", "k_without_v", "page_24", "splits_negative", "heads"])

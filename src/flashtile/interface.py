@@ -561,30 +561,35 @@ def flash_attn_with_kvcache(
                              f"{head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
         seqlen_new = k.shape[1]
     seqlens_k = cache_seqlens + seqlen_new
-    if not _capturing(device):
-        # one synchronization: an overflowing append is an error (skipped while a CUDA graph
-        # is captured or torch.compile traces, where the host cannot read the lengths)
-        lengths = seqlens_k.tolist()
-        if min(cache_seqlens.tolist(), default=0) < 0 or max(lengths, default=0) > capacity:
-            raise ValueError(f"cache_seqlens + seqlen_new must lie in [0, {capacity}] (the "
-                             f"cache's capacity), got lengths {lengths[:8]}")
+    if batch and not _capturing(device):
+        # one synchronization for every value check (skipped while a CUDA graph is captured or
+        # torch.compile traces, where the host cannot read values); on an error, more reads
+        # find what to name
         rows = k_cache.shape[0]  # pages of a paged cache, else cache rows
         if block_table is not None:
             # the pages each entry reads or appends to: its first ceil(length / page) entries
             used = (torch.arange(block_table.shape[1], device=device)[None, :]
                     < (seqlens_k[:, None] + page - 1) // page)
             bad = used & ((block_table < 0) | (block_table >= rows))
-            if bool(bad.any()):
-                b, j = (int(x) for x in bad.nonzero()[0])
-                raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} points "
-                                 f"outside the paged cache: page indices must lie in [0, "
-                                 f"{rows}) (k_cache.shape[0], the number of pages)")
-        elif cache_batch_idx is not None:
+        else:
             bad = (batch_idx < 0) | (batch_idx >= rows)
-            if bool(bad.any()):
-                b = int(bad.nonzero()[0, 0])
-                raise ValueError(f"cache_batch_idx[{b}] = {int(batch_idx[b])} points outside "
-                                 f"the cache: rows must lie in [0, {rows}) (k_cache.shape[0])")
+        lowest, longest, any_bad = torch.stack(
+            [cache_seqlens.min(), seqlens_k.max(), bad.any().to(torch.int32)]).tolist()
+        if lowest < 0 or longest > capacity:
+            raise ValueError(f"cache_seqlens + seqlen_new must lie in [0, {capacity}] (the "
+                             f"cache's capacity), got lengths {seqlens_k.tolist()[:8]}")
+        if any_bad and block_table is not None:
+            b, j = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} points "
+                             f"outside the paged cache: page indices must lie in [0, "
+                             f"{rows}) (k_cache.shape[0], the number of pages)")
+        if any_bad and cache_batch_idx is None:
+            raise ValueError(f"k_cache has {rows} rows but q has batch {batch}: without "
+                             f"cache_batch_idx, entry b reads cache row b")
+        if any_bad:
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"cache_batch_idx[{b}] = {int(batch_idx[b])} points outside "
+                             f"the cache: rows must lie in [0, {rows}) (k_cache.shape[0])")
     if seqlen_new:
         # append in place: rows cache_seqlens .. + seqlen_new of each entry's cache
         positions = cache_seqlens[:, None].long() + torch.arange(seqlen_new, device=device)
