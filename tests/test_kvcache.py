@@ -148,7 +148,8 @@ def i32(values):
      ValueError, r"k_cache has 1 rows but q has batch 2: without cache_batch_idx"),
     (dict(q=lambda dev: torch.randn(2, 1, 3, 16, device=dev, dtype=torch.float16)), ValueError,
      r"q has 3 heads, which is not a multiple of k_cache's 2"),
-], ids=["overflow", "int64_seqlens", "k_without_v", "page_24", "splits_negative", "heads"])
+], ids=["overflow", "int64_seqlens", "k_without_v", "page_24", "splits_negative",
+        "cache_rows_under_batch", "heads"])
 def test_bad_input_is_named(over, exc, match, dev):
     with pytest.raises(exc, match=match):
         flashtile.flash_attn_with_kvcache(**_args(dev, **over))
