@@ -202,3 +202,20 @@ def test_float32_partial_output_rounds_to_the_16bit_one(dev):
     out32, lse32 = _forward(q, k, v, opts, out_dtype=torch.float32)
     assert out32.dtype == torch.float32 and torch.equal(lse32, lse16)
     assert torch.equal(out32.to(torch.float16), out16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter has no grid limits to cross")
+@pytest.mark.parametrize("causal", [False, True])
+def test_more_batch_heads_than_a_grid_axis(causal, dev):
+    """batch · heads = 4,200 · 16 > 65,535, the limit of CUDA grid axes 1 and 2: heads and batch
+    entries lie on separate axes, so every (entry, head) is computed, the last ones too."""
+    batch, seqlen, nheads, head_dim = 4200, 20, 16, 32
+    q, k, v = random_qkv(batch, seqlen, seqlen, nheads, head_dim, torch.float16, dev)
+    dout = torch.randn_like(q)
+    got = run_flashtile(q, k, v, dout, causal=causal)
+    for entry in (slice(0, 2), slice(batch - 2, batch)):
+        part = [t[entry] for t in (q, k, v)]
+        ref = reference_attention(*part, dout[entry], causal=causal, dtype=torch.float64)
+        base = reference_attention(*part, dout[entry], causal=causal)
+        check_attention(f"batch entries {entry}", {f: t[entry] for f, t in got.items()}, ref,
+                        base, q.dtype)

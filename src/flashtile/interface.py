@@ -22,6 +22,9 @@ from flashtile.kernels.params import AttnOptions
 from flashtile.kernels.probs import attention_probs
 
 MAX_HEAD_DIM = 512
+# The kernels' grids put heads and batch entries on CUDA grid axes 1 and 2 (as FlashAttention's
+# do), each at most 65,535 programs long.
+MAX_GRID_AXIS = 65535
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -194,6 +197,11 @@ def _options(batch: int, nheads: int, head_dim: int, device, *, softmax_scale, c
     """The options every entry point shares, validated; causal folds into the window's right
     side (0). The dropout seed is the caller's (_dropout_seed). `layout`: diag_offset, varlen
     or kvcache."""
+    for what, n in (("the batch size (with cu_seqlens, the number of sequences)", batch),
+                    ("the number of heads", nheads)):
+        if n > MAX_GRID_AXIS:
+            raise ValueError(f"{what} must be at most {MAX_GRID_AXIS} (a CUDA grid axis holds "
+                             f"one program per entry), got {n}; split the call")
     dropout_p = _dropout_p(dropout_p)
     window_left, window_right = _window(window_size)
     return AttnOptions(
@@ -610,6 +618,9 @@ def flash_attn_with_kvcache(
     group = nheads // nheads_k
     programs = (batch * nheads_k * -(-seqlen_q * group // 16) if group > 1
                 else batch * nheads * -(-seqlen_q // 128))
+    if batch * num_splits > MAX_GRID_AXIS:
+        raise ValueError(f"num_splits × batch must be at most {MAX_GRID_AXIS} (one grid axis "
+                         f"holds them), got {num_splits} × {batch}")
     splits = num_splits or _auto_splits(programs, capacity, device)
     keys = k_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else k_cache
     values = v_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else v_cache

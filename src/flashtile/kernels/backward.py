@@ -17,8 +17,8 @@ accumulates dK, dV over the query blocks that see it, for every query head of it
 accumulates dQ over the key blocks it sees. No atomics, so repeated runs are bitwise equal; the
 price is recomputing q kᵀ and dO vᵀ once more (7 block matmuls instead of 5).
 
-Grids: preprocess and dq (cdiv(seqlen_q, BLOCK_M), batch * nheads);
-       dkdv (cdiv(seqlen_k, BLOCK_N), batch * nheads_k).
+Grids: preprocess and dq (cdiv(seqlen_q, BLOCK_M), nheads, batch);
+       dkdv (cdiv(seqlen_k, BLOCK_N), nheads_k, batch).
 """
 
 import torch
@@ -49,13 +49,12 @@ def _attn_bwd_preprocess(
     O, dO, Delta,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_dob, stride_dom, stride_doh, stride_dod,
-    stride_lb, stride_lh,
-    nheads, seqlen_q,
+    stride_lb, stride_lh, seqlen_q,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    off_b = (tl.program_id(1) // nheads).to(tl.int64)
-    off_h = (tl.program_id(1) % nheads).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     o = load_tile(O + off_b * stride_ob + off_h * stride_oh, offs_m, offs_d, stride_om, stride_od,
                   seqlen_q, HEAD_DIM, CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
@@ -169,9 +168,8 @@ def _attn_bwd_dkdv(
 ):
     # Causal: key block 0 is seen by the most query rows, so the natural order is heaviest-first.
     start_n = tl.program_id(0) * BLOCK_N
-    nheads_k = nheads // group
-    off_b = (tl.program_id(1) // nheads_k).to(tl.int64)
-    off_hk = (tl.program_id(1) % nheads_k).to(tl.int64)
+    off_hk = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     rng_seqlens = seqlen_q * seqlen_k  # dropout counters per head: over the longest lengths
@@ -353,13 +351,12 @@ def _attn_bwd_dq(
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     start_m = query_block_start(BLOCK_M, LOCAL_RIGHT)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // nheads).to(tl.int64)
-    off_h = (off_bh % nheads).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
     off_hk = off_h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
+    rng_base = (off_b * nheads + off_h) * seqlen_q * seqlen_k
     # -- packed variable-length batches: this entry's rows and lengths --
     q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
         CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
@@ -478,14 +475,14 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     lse_strides = (opts.strides(lse)[0], lse.stride(1))
 
     # Delta is per row: the tensors' own shape (with varlen, all packed rows as one sequence)
-    grid = (triton.cdiv(q.shape[1], configs.PREPROCESS_BLOCK_M), q.shape[0] * nheads)
+    grid = (triton.cdiv(q.shape[1], configs.PREPROCESS_BLOCK_M), nheads, q.shape[0])
     _attn_bwd_preprocess[grid](
         out, do, delta, *out.stride(), *do.stride(), lse.stride(0), lse.stride(1),
-        nheads, q.shape[1], BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
+        q.shape[1], BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
     )
     kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
                                               per_kernel["DOT_PRECISION"])
-    kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k)](
+    kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
         q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data, cu_q, cu_k,
         *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
         *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
@@ -493,7 +490,7 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     )
     kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
                                             per_kernel["DOT_PRECISION"])
-    kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)](
+    kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), nheads, batch)](
         q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data, cu_q, cu_k,
         *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
         *opts.strides(dq), *lse_strides, stride_ab, *kv_list_strides, *scalars, **per_kernel,

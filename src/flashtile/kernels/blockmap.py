@@ -30,28 +30,31 @@ from flashtile.kernels.common import apply_mask_mod, visible
 @triton.jit
 def _block_map(
     Out, MaskData,
-    stride_ob, stride_oh, stride_om, map_heads,
+    stride_ob, stride_oh, stride_om, n_blocks_n,
     seqlen_q, seqlen_k, diag_offset, window_left, window_right, mask_data_stride,
     MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr,
     LOCAL_LEFT: tl.constexpr, LOCAL_RIGHT: tl.constexpr,
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, DENSE: tl.constexpr,
 ):
-    off_b = tl.program_id(2) // map_heads
-    off_h = tl.program_id(2) % map_heads
-    offs_m = tl.program_id(0) * MAP_BLOCK_M + tl.arange(0, MAP_BLOCK_M)
-    offs_n = tl.program_id(1) * MAP_BLOCK_N + tl.arange(0, MAP_BLOCK_N)
+    # grid: (query blocks × key blocks, heads, batch)
+    block_m = tl.program_id(0) // n_blocks_n
+    block_n = tl.program_id(0) % n_blocks_n
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    offs_m = block_m * MAP_BLOCK_M + tl.arange(0, MAP_BLOCK_M)
+    offs_n = block_n * MAP_BLOCK_N + tl.arange(0, MAP_BLOCK_N)
     keep = visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag_offset,
                    window_left, window_right, LOCAL_LEFT, LOCAL_RIGHT)
     keep = apply_mask_mod(keep, off_b, off_h, offs_m[:, None], offs_n[None, :], seqlen_q,
                           seqlen_k, MaskData, mask_data_stride, MASK_MOD, MASK_DATA)
-    out = Out + off_b.to(tl.int64) * stride_ob + off_h * stride_oh
+    out = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     if DENSE:
         tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], keep.to(tl.int8),
                  mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
     else:
         kept = tl.sum(tl.sum(keep.to(tl.int32), 1), 0)
         state = tl.where(kept == 0, 0, tl.where(kept == MAP_BLOCK_M * MAP_BLOCK_N, 2, 1))
-        tl.store(out + tl.program_id(0) * stride_om + tl.program_id(1), state.to(tl.int8))
+        tl.store(out + block_m * stride_om + block_n, state.to(tl.int8))
 
 
 def map_block_size() -> int:
@@ -77,10 +80,11 @@ class BlockLists:
 def _launch(mask, out, seqlen_q, seqlen_k, opts, block_m, block_n, dense):
     map_batch, map_heads = out.shape[:2]
     data = mask.data if mask.data is not None else out
-    grid = (triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n), map_batch * map_heads)
+    n_blocks_n = triton.cdiv(seqlen_k, block_n)
+    grid = (triton.cdiv(seqlen_q, block_m) * n_blocks_n, map_heads, map_batch)
     flags = opts.flags()
     _block_map[grid](
-        out, data, out.stride(0), out.stride(1), out.stride(2), map_heads,
+        out, data, out.stride(0), out.stride(1), out.stride(2), n_blocks_n,
         seqlen_q, seqlen_k, opts.diag_offset, max(opts.window_left, 0),
         max(opts.window_right, 0), mask.data_stride,
         MAP_BLOCK_M=block_m, MAP_BLOCK_N=block_n, LOCAL_LEFT=flags["LOCAL_LEFT"],

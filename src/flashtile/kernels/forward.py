@@ -19,9 +19,10 @@ Tensors are (batch, seqlen, heads, headdim) through strides, so the SDPA layout
 (batch, heads, seqlen, headdim) runs without copies. Query head h reads key/value head
 h // group (grouped-query attention; group = 1 is multi-head).
 
-Grid: (cdiv(seqlen_q, BLOCK_M), batch * nheads, splits). With PACK_GQA (KV caches with grouped
-heads) a program's rows are the (query, head) pairs of one kv head's group, so the cache is read
-once per kv head: (cdiv(seqlen_q · group, BLOCK_M), batch * nheads_k, splits).
+Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch * splits), as FlashAttention's (CUDA allows
+65,535 on axes 1 and 2, so batch · splits is checked against it). With PACK_GQA (KV caches with
+grouped heads) a program's rows are the (query, head) pairs of one kv head's group, so the cache
+is read once per kv head: (cdiv(seqlen_q · group, BLOCK_M), nheads_k, batch * splits).
 """
 
 import torch
@@ -130,28 +131,27 @@ def _attn_fwd(
     tl.static_assert(not PACK_GQA or not (DROPOUT or VARLEN or MASK_MOD is not None),
                      "PACK_GQA is for KV caches: no dropout, varlen or mask predicate")
     start_m = query_block_start(BLOCK_M, LOCAL_RIGHT)
-    off_bh = tl.program_id(1)
+    # grid axes 1 and 2: the head (with PACK_GQA the kv head), then batch entry × split
+    off_b = (tl.program_id(2) // num_splits).to(tl.int64)
+    split = tl.program_id(2) % num_splits
     if PACK_GQA:
         # -- one program per (batch, kv head): its rows are the (query, head) pairs of the
         # kv head's group, row r = query r // group of head off_hk · group + r % group --
-        nheads_k = nheads // group
-        off_b = (off_bh // nheads_k).to(tl.int64)
-        off_hk = (off_bh % nheads_k).to(tl.int64)
+        off_hk = tl.program_id(1).to(tl.int64)
         offs_r = start_m + tl.arange(0, BLOCK_M)
         offs_m = offs_r // group
         offs_h = off_hk * group + offs_r % group
         off_h = off_hk * group  # the group's first head: rng_base only, unused without dropout
         first_m = start_m // group
     else:
-        off_b = (off_bh // nheads).to(tl.int64)
-        off_h = (off_bh % nheads).to(tl.int64)
+        off_h = tl.program_id(1).to(tl.int64)
         off_hk = off_h // group
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_h = off_h
         first_m = start_m
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     # dropout's counters: per (batch, head), over the (longest) seqlen_q × seqlen_k
-    rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
+    rng_base = (off_b * nheads + off_h) * seqlen_q * seqlen_k
     # -- packed variable-length batches: this entry's rows and lengths --
     q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
         CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
@@ -228,7 +228,7 @@ def _attn_fwd(
             # -- split-KV: this program's share of the keys, whole blocks; each range is cut
             # to it (clamping keeps a <= b <= c <= hi, so masked stays masked) --
             chunk = tl.cdiv(tl.cdiv(seqlen_k, num_splits), BLOCK_N) * BLOCK_N
-            split_lo = tl.program_id(2) * chunk
+            split_lo = split * chunk
             split_hi = split_lo + chunk
             a = tl.minimum(tl.maximum(a, split_lo), split_hi)
             b = tl.minimum(tl.maximum(b, split_lo), split_hi)
@@ -271,8 +271,8 @@ def _attn_fwd(
     acc = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     if SPLIT_KV:  # one partial (O, LSE) per split, combined by the launcher
-        LSE += tl.program_id(2).to(tl.int64) * stride_ls
-        O += tl.program_id(2).to(tl.int64) * stride_os
+        LSE += split.to(tl.int64) * stride_ls
+        O += split.to(tl.int64) * stride_os
     tl.store(LSE + off_b * stride_lb + offs_h * stride_lh + q_start + offs_m, lse,
              mask=offs_m < seqlen_q)
     # offs_h: a scalar, or with PACK_GQA each row's head
@@ -324,7 +324,7 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
                                               configs.dot_precision(q.dtype))
 
     def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), batch * programs, num_splits)
+        return (triton.cdiv(rows, meta["BLOCK_M"]), programs, batch * num_splits)
 
     kernel[grid](
         q, k, v, out_k, lse_k, alibi, kv_lists, mask_data, cu_q, cu_k, seqlens_k, batch_idx,

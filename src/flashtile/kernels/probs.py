@@ -5,7 +5,7 @@ P[b, h, i, j] = exp(s_ij - LSE_i) with the forward's own scores, masks and dropo
 out = P @ v. It stores a (batch, nheads, seqlen_q, seqlen_k) matrix: meant for tests and
 visualization at small sizes, never on the training path.
 
-Grid: (cdiv(seqlen_q, BLOCK_M), batch * nheads); each program walks every key block of its rows.
+Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch); each program walks every key block of its rows.
 """
 
 import torch
@@ -41,13 +41,12 @@ def _attn_probs(
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // nheads).to(tl.int64)
-    off_h = (off_bh % nheads).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
     off_hk = off_h // group
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    rng_base = off_bh.to(tl.int64) * seqlen_q * seqlen_k
+    rng_base = (off_b * nheads + off_h) * seqlen_q * seqlen_k
     q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
         CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
     q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm, offs_m,
@@ -101,7 +100,7 @@ def attention_probs(q, k, lse, opts: AttnOptions) -> torch.Tensor:
     else:  # a plain loop, no tuning: tiles that fit shared memory at every head dim
         block_m, block_n = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 64),
                             256: (64, 32)}.get(head_dim_pad, (32, 16))
-    grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
+    grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)
     _attn_probs[grid](
         q, k, lse, probs, alibi, mask_data, cu_q, cu_k, *opts.strides(q), *opts.strides(k),
         opts.strides(lse)[0], lse.stride(1), *probs.stride()[:3], stride_ab, mask_data_stride,
