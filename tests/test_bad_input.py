@@ -114,6 +114,16 @@ def _keep_all(b, h, q_idx, kv_idx):
     return (q_idx >= 0) & (kv_idx >= 0)
 
 
+def rows_past_2_31(batch, nheads, head_dim):
+    """A (batch, 2, nheads, head_dim) view whose two rows lie 2^31 elements apart (batch
+    entries overlap): one sequence spanning more than 2^31 elements. Its storage is never
+    touched (on the CPU the pages are not even mapped in)."""
+    def make(args, dev):
+        storage = torch.empty(2**31 + batch * 64 + nheads * head_dim, device=dev, dtype=F16)
+        return storage.as_strided((batch, 2, nheads, head_dim), (64, 2**31, head_dim, 1))
+    return make
+
+
 def case(id, function, exc, match, marks=(), **over):
     """One bad call: `function`'s valid call with the arguments in `over` replaced (a callable
     (args, dev) -> value builds one from the valid arguments)."""
@@ -255,6 +265,15 @@ BAD_CALLS = [
     case("num_splits_times_batch", "flash_attn_with_kvcache", ValueError,
          r"num_splits × batch must be at most 65535 \(one grid axis holds them\), got "
          r"40000 × 2", num_splits=40000),
+    # -- rows of one sequence are offset in 32 bits: a sequence of more than 2^31 elements ----
+    case("q_sequence_past_2_31", "flash_attn_func", ValueError,
+         r"q: one sequence spans 2147483664 elements \(2 rows of stride 2147483648\), more "
+         r"than 2\^31; flashtile indexes the rows of one sequence in 32 bits",
+         q=rows_past_2_31(2, 4, 16)),
+    case("k_cache_sequence_past_2_31", "flash_attn_with_kvcache", ValueError,
+         r"k_cache: one sequence spans 2147483664 elements",
+         k_cache=rows_past_2_31(2, 2, 16), v_cache=rows_past_2_31(2, 2, 16),
+         cache_seqlens=i32([1, 2])),
     # -- what else each function checks before a launch ---------------------------------------
     case("mask_mod_not_jit", "flash_attn_func", TypeError,
          r"mask_mod must be a @triton.jit function or a flashtile.masks.MaskMod, got function",

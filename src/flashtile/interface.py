@@ -112,9 +112,27 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], nd
                          "(or the CPU through the Triton interpreter)")
 
 
-def _check_qkv(q, k, v, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+def _check_row_offsets(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...],
+                       rows: tuple[int, ...]) -> None:
+    """The kernels offset batch entries and heads in 64 bits but rows within one sequence in
+    32: from a sequence's first row to its last (`rows` long, along dim 1) must be fewer than
+    2^31 elements. FlashAttention-style tensors reach it at about 1M tokens in one sequence
+    with nheads · headdim = 2048."""
+    for name, t, n in zip(names, tensors, rows):
+        span = (n - 1) * t.stride(1) + (t.shape[-1] - 1) * t.stride(-1) + 1 if n > 0 else 0
+        if span > 2**31:
+            raise ValueError(
+                f"{name}: one sequence spans {span} elements ({n} rows of stride "
+                f"{t.stride(1)}), more than 2^31; flashtile indexes the rows of one sequence in "
+                "32 bits (batch entries and heads in 64): split the sequence, as ring attention "
+                "does, or pack it with fewer heads per call")
+
+
+def _check_qkv(q, k, v, names: tuple[str, str, str] = ("q", "k", "v"),
+               rows: tuple[int, int] | None = None) -> None:
     """q: (B, Nq, H, D); k, v: (B, Nk, H_k, D), the FlashAttention layout. `names` are the
-    caller's names for the three tensors, so that messages name what the user passed."""
+    caller's names for the three tensors, so that messages name what the user passed; `rows`
+    the longest query and key sequences (default Nq, Nk; packed batches pass max_seqlen)."""
     nq, nk, nv = names
     batch, _, nheads, head_dim = q.shape
     for name, t in ((nk, k), (nv, v)):
@@ -135,6 +153,8 @@ def _check_qkv(q, k, v, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
                          f"{nheads_k} (grouped-query attention needs nheads % nheads_k == 0)")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+    rows_q, rows_k = rows or (q.shape[1], k.shape[1])
+    _check_row_offsets(names, (q, k, v), (rows_q, rows_k, rows_k))
 
 
 def _softmax_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> float:
@@ -445,7 +465,7 @@ def flash_attn_varlen_func(
             raise ValueError(f"{name} must be an int of at least the longest sequence "
                              f"({longest}), got {given!r}")
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, total, H, D) views
-    _check_qkv(q4, k4, v4)
+    _check_qkv(q4, k4, v4, rows=(max_seqlen_q, max_seqlen_k))
     # each sequence's diagonal is its own (seqlen_k - seqlen_q), found in the kernels
     opts = _options(batch, q.shape[1], q.shape[2], q.device, softmax_scale=softmax_scale,
                     causal=causal, window_size=window_size, softcap=softcap,
@@ -532,6 +552,7 @@ def flash_attn_with_kvcache(
         raise ValueError(f"head dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    _check_row_offsets(("q",), (q,), (seqlen_q,))  # paged caches' rows are 64-bit
     device = q.device
     if block_table is not None:
         if cache_batch_idx is not None:
@@ -550,6 +571,7 @@ def flash_attn_with_kvcache(
     else:
         page = 0
         capacity = k_cache.shape[1]
+        _check_row_offsets(("k_cache", "v_cache"), (k_cache, v_cache), (capacity, capacity))
         batch_idx = (torch.arange(batch, dtype=torch.int32, device=device)
                      if cache_batch_idx is None
                      else _int32_vector("cache_batch_idx", cache_batch_idx, batch, device))

@@ -52,17 +52,23 @@ def _attn_bwd_preprocess(
     stride_lb, stride_lh, seqlen_q,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # With varlen every packed row is one sequence: the block's first row, times the row
+    # stride, passes 2^31 in large packs, so it enters the pointers in 64 bits
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    o = load_tile(O + off_b * stride_ob + off_h * stride_oh, offs_m, offs_d, stride_om, stride_od,
-                  seqlen_q, HEAD_DIM, CHECK_ROWS=True, CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
-    do = load_tile(dO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, stride_dom,
-                   stride_dod, seqlen_q, HEAD_DIM, CHECK_ROWS=True,
+    rows = seqlen_q - start_m
+    o = load_tile(O + off_b * stride_ob + off_h * stride_oh + start_m * stride_om, offs_m, offs_d,
+                  stride_om, stride_od, rows, HEAD_DIM, CHECK_ROWS=True,
+                  CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
+    do = load_tile(dO + off_b * stride_dob + off_h * stride_doh + start_m * stride_dom, offs_m,
+                   offs_d, stride_dom, stride_dod, rows, HEAD_DIM, CHECK_ROWS=True,
                    CHECK_COLS=HEAD_DIM != HEAD_DIM_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + off_b * stride_lb + off_h * stride_lh + offs_m, delta, mask=offs_m < seqlen_q)
+    tl.store(Delta + off_b * stride_lb + off_h * stride_lh + start_m + offs_m, delta,
+             mask=offs_m < rows)
 
 
 @triton.jit
