@@ -5,8 +5,8 @@ Usage:
     python scripts/sanitize.py [--tools memcheck racecheck ...] [--cases NAME ...]
                                [--sanitizer PATH] [--json PATH] [--no-warm]
 
-Each tool runs the driver once, all cases in one process (Triton compiles once per process; the
-Triton cache is warmed first by a run without the sanitizer), with
+Each tool runs the driver once, all cases in one process, the tools side by side (Triton's cache
+is warmed first without the sanitizer, one process per case in parallel), with
   - FLASHTILE_AUTOTUNE=0: one fixed config per kernel, no autotuning sweep under the sanitizer;
   - PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor its own cudaMalloc, so that memcheck sees an
     access past a tensor's end instead of landing in the caching allocator's larger block.
@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +37,10 @@ MARKER = re.compile(r"^@@ case (\S+) (start|done)$")
 # the first line of one report (the lines after it, indented, are its stack)
 REPORT = re.compile(r"^========= (?!\s)(?!ERROR SUMMARY)(?!RACECHECK SUMMARY)(?!COMPUTE-SANITIZER)"
                     r"(?!Target application returned)(\S.*)$")
-SUMMARY = re.compile(r"^========= ERROR SUMMARY: (\d+) errors?")
+# memcheck ends with "ERROR SUMMARY: N errors", racecheck with "RACECHECK SUMMARY: N hazards
+# displayed (E errors, W warnings)"
+SUMMARY = re.compile(r"^========= (?:ERROR SUMMARY: (\d+) errors?"
+                     r"|RACECHECK SUMMARY: (\d+) hazards?)")
 
 
 def find_sanitizer(given: str | None) -> str:
@@ -76,7 +80,7 @@ def parse(output: str, cases: list[str]) -> tuple[dict[str, list[str]], list[str
                 finished.append(name)
             continue
         if m := SUMMARY.match(line):
-            summary = int(m.group(1))
+            summary = int(m.group(1) or m.group(2))
             continue
         if m := REPORT.match(line):
             (per_case[current] if current in per_case else outside).append(m.group(1))
@@ -145,10 +149,17 @@ def main(argv=None) -> int:
     cases = args.cases or listed
     args.logs.mkdir(parents=True, exist_ok=True)
     if not args.no_warm:
-        print("warming Triton's cache (no sanitizer) ...", flush=True)
-        subprocess.run([sys.executable, str(DRIVER), *cases], env=environment(), check=True,
-                       stdout=subprocess.DEVNULL)
-    results = [run_tool(sanitizer, tool, cases, args.logs) for tool in args.tools]
+        # one process per case, side by side: Triton compiles on the host, one kernel at a time
+        # per process, and its on-disk cache is shared, so the sanitized runs only load binaries
+        print("warming Triton's cache (no sanitizer, one process per case) ...", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) // 2)) as pool:
+            list(pool.map(lambda case: subprocess.run(
+                [sys.executable, str(DRIVER), case], env=environment(), check=True,
+                stdout=subprocess.DEVNULL), cases))
+    # the tools side by side too: each is its own process under its own sanitizer
+    with ThreadPoolExecutor(max_workers=len(args.tools)) as pool:
+        results = list(pool.map(lambda tool: run_tool(sanitizer, tool, cases, args.logs),
+                                args.tools))
     print_table(results, cases)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
