@@ -3,7 +3,7 @@ sequences and bfloat16, float16 and float32), forward and backward against the f
 reference by FlashAttention's rule (flashtile/testing.py).
 
 Usage: python scripts/gpu_fuzz.py [--cases 1000] [--seed 0] [--max-len 512] [--templates 40]
-                                  [--json results/gpu_fuzz.json] [--max-seconds S]
+                                  [--json results/gpu_fuzz.json] [--max-seconds S] [--workers N]
 
 Every case runs (a failure does not stop the run). A case fails when a non-finite value differs
 from the reference's, or when an error exceeds the rule's tolerance; its ratio is the largest
@@ -89,9 +89,15 @@ def main(argv=None) -> int:
                              "fresh random data; 0: every case drawn anew. Each new shape and "
                              "flag set compiles its kernels (seconds each on the H100), so 1,000 "
                              "fully new cases take hours; 40 templates take minutes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes side by side, each with its share of the cases and "
+                             "templates and its own seed: Triton compiles one kernel at a time "
+                             "per process, so a fuzz run is bound by the host's compiles")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_fuzz.py needs a CUDA GPU")
+    if args.workers > 1:
+        return run_workers(args)
     rng = random.Random(args.seed)
     start = time.time()
     results = []
@@ -122,23 +128,28 @@ def main(argv=None) -> int:
             print(f"case {index}: ok ({time.time() - start:.0f} s)", flush=True)
         torch.cuda.empty_cache()
 
-    failures = [r for r in results if r["ratio"] > 1]
-    worst = sorted(results, key=lambda r: r["ratio"], reverse=True)[:20]
     by_kind: dict[str, dict[str, int]] = {}
     for r in results:
         key = f"{r['case']['kind']}/{r['case']['dtype']}"
         entry = by_kind.setdefault(key, dict(cases=0, failures=0))
         entry["cases"] += 1
         entry["failures"] += r["ratio"] > 1
-    print(f"\ncases {len(results)}, failures {len(failures)}, worst ratio "
+    return report(args, start, len(results), [r for r in results if r["ratio"] > 1], results,
+                  by_kind)
+
+
+def report(args, start: float, cases: int, failures: list, candidates: list, by_kind) -> int:
+    """Print the summary and write the JSON: failures, the 20 worst of `candidates`."""
+    worst = sorted(candidates, key=lambda r: r["ratio"], reverse=True)[:20]
+    print(f"\ncases {cases}, failures {len(failures)}, worst ratio "
           f"{worst[0]['ratio'] if worst else 0:.3f} ({worst[0]['where'] if worst else ''})")
     for key, entry in sorted(by_kind.items()):
         print(f"  {key:<18} {entry['cases']:5d} cases {entry['failures']:4d} failures")
     summary = dict(
-        cases=len(results), failures=len(failures),
+        cases=cases, failures=len(failures),
         worst_ratio=worst[0]["ratio"] if worst else 0.0, by_kind=by_kind,
         failed_cases=failures, worst_cases=worst, seed=args.seed, max_len=args.max_len,
-        templates=args.templates,
+        templates=args.templates, workers=args.workers,
         device=torch.cuda.get_device_name(), torch=torch.__version__,
         triton=triton.__version__, commit=commit(), seconds=round(time.time() - start, 1))
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +158,52 @@ def main(argv=None) -> int:
                                                                             '"inf"'))
     print(f"wrote {args.json}")
     return 1 if failures else 0
+
+
+def run_workers(args) -> int:
+    """args.workers copies of this script, worker i with seed args.seed · 1000 + i and an equal
+    share of the cases and templates; their JSONs merged into one report."""
+    start = time.time()
+    out_dir = args.json.parent / f"{args.json.stem}_workers"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(args.workers):
+        share = args.cases // args.workers + (i < args.cases % args.workers)
+        cmd = [sys.executable, __file__, "--cases", str(share), "--seed",
+               str(args.seed * 1000 + i), "--max-len", str(args.max_len), "--dtypes",
+               *args.dtypes, "--templates", str(-(-args.templates // args.workers)),
+               "--json", str(out_dir / f"worker_{i}.json")]
+        if args.max_seconds:
+            cmd += ["--max-seconds", str(args.max_seconds)]
+        log = open(out_dir / f"worker_{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    for proc, log in procs:
+        proc.wait()
+        log.close()
+    merged = merge([out_dir / f"worker_{i}" for i in range(args.workers)])
+    return report(args, start, *merged)
+
+
+def merge(workers: list[Path]) -> tuple[int, list, list, dict]:
+    """cases, failures, worst-case candidates and per-kind counts of the workers' reports
+    (WORKER.json, or WORKER.log's tail as a failure when a worker wrote none)."""
+    cases, failures, candidates, by_kind = 0, [], [], {}
+    for worker in workers:
+        path = worker.with_suffix(".json")
+        if not path.exists():  # a worker that died is a failure, named
+            log = worker.with_suffix(".log")
+            failures.append(dict(worker=worker.name, ratio=float("inf"), where="no report",
+                                 error=log.read_text()[-2000:] if log.exists() else ""))
+            continue
+        part = json.loads(path.read_text().replace('"inf"', "Infinity"))
+        cases += part["cases"]
+        failures += part["failed_cases"]
+        candidates += part["worst_cases"]
+        for key, entry in part["by_kind"].items():
+            merged = by_kind.setdefault(key, dict(cases=0, failures=0))
+            merged["cases"] += entry["cases"]
+            merged["failures"] += entry["failures"]
+    return cases, failures, candidates, by_kind
 
 
 if __name__ == "__main__":
