@@ -27,6 +27,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -164,8 +165,9 @@ def run_workers(args) -> int:
     """args.workers copies of this script, worker i with seed args.seed · 1000 + i and an equal
     share of the cases and templates; their JSONs merged into one report."""
     start = time.time()
-    out_dir = args.json.parent / f"{args.json.stem}_workers"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the workers' own reports and logs are scratch: the merged JSON keeps every failure
+    out_dir = Path(tempfile.mkdtemp(prefix="gpu_fuzz_workers_"))
+    print(f"{args.workers} workers, their logs in {out_dir}", flush=True)
     procs = []
     for i in range(args.workers):
         share = args.cases // args.workers + (i < args.cases % args.workers)

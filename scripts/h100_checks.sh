@@ -3,7 +3,7 @@
 # device call of at most 10 minutes; the compiled test suite is its own call (README):
 #   bash scripts/h100_checks.sh [OUT]      (OUT: where logs and JSON go; default $OUT or results)
 # Files: sanitize.{log,json}, sanitize_{memcheck,racecheck}.log, determinism.{log,json},
-# gpu_fuzz.{log,json} and gpu_fuzz_workers/ (the workers' logs and reports).
+# gpu_fuzz.{log,json}: eight files.
 # Each step has its own time limit, so that a slow one cannot hide the others' results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
