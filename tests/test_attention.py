@@ -3,8 +3,9 @@
 On the CPU the kernels run through the Triton interpreter with small unequal blocks
 (32 × 16, kernels/configs.py), so sequence lengths of 17 to 300 already cross the causal
 diagonal, many full blocks and the ragged ends. On a GPU the same tests run compiled, with the
-real block sizes, plus bfloat16 (the interpreter's bf16 tl.dot is wrong, so bf16 is GPU-only)
-and longer sequences.
+real block sizes (the first candidate of each kernel; test_candidates.py checks every
+candidate the autotuner may pick), plus bfloat16 (the interpreter's bf16 tl.dot is wrong, so bf16
+is GPU-only) and longer sequences.
 """
 
 import pytest
