@@ -33,7 +33,6 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("FLASHTILE_AUTOTUNE", "0")
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
@@ -95,6 +94,8 @@ def main(argv=None) -> int:
                              "templates and its own seed: Triton compiles one kernel at a time "
                              "per process, so a fuzz run is bound by the host's compiles")
     args = parser.parse_args(argv)
+    # set here, not at import: tests import this module for its report merging
+    os.environ.setdefault("FLASHTILE_AUTOTUNE", "0")
     if not torch.cuda.is_available():
         sys.exit("gpu_fuzz.py needs a CUDA GPU")
     if args.workers > 1:
