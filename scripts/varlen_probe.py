@@ -1,0 +1,82 @@
+"""Where the varlen shortfall is (docs/performance.md, v5 outcome): the kernel or the schedule.
+
+Times, forward and forward+backward, bf16, 16 heads, D 128 (`flashtile bench --varlen`'s batch):
+  1. one sequence of the batch's longest length through flash_attn_varlen_func and through
+     flash_attn_func: the same work, so a gap is the varlen kernel's own cost per step;
+  2. the batch packed in its drawn order and sorted longest first: the longest sequences' blocks
+     then start first (grid axis 2 is the sequence), so a gap is the schedule's tail;
+  3. the batch as padded dense flash_attn_func, the yardstick of the target.
+Each row reports ms and TFLOP/s over the real (query, key) pairs. Needs a CUDA GPU.
+
+Usage: python scripts/varlen_probe.py [--causal]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+
+import flashtile
+from flashtile.bench.varlen import HEAD_DIM, HEADS, draw_lengths
+
+
+def pairs(lengths, causal: bool) -> int:
+    return sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
+
+
+def timed(fn, backward: bool) -> float:
+    """Median ms of fn() (with backward: fn() then its gradients)."""
+    def step():
+        out = fn()
+        if backward:
+            out.backward(grad)
+    out = fn()
+    grad = torch.randn_like(out)
+    return triton.testing.do_bench(step, warmup=50, rep=300)
+
+
+def packed(lengths, causal: bool):
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
+    longest = max(lengths)
+    return lambda: flashtile.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest,
+                                                    causal=causal)
+
+
+def dense(batch: int, seqlen: int, causal: bool):
+    q, k, v = (torch.randn(batch, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    return lambda: flashtile.flash_attn_func(q, k, v, causal=causal)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--causal", action="store_true")
+    args = parser.parse_args(argv)
+    lengths = draw_lengths()
+    longest = max(lengths)
+    rows = [
+        ("one sequence, varlen", packed([longest], args.causal), [longest]),
+        ("one sequence, dense", dense(1, longest, args.causal), [longest]),
+        ("batch, drawn order", packed(lengths, args.causal), lengths),
+        ("batch, longest first", packed(sorted(lengths, reverse=True), args.causal), lengths),
+        ("batch, padded dense", dense(len(lengths), longest, args.causal), lengths),
+    ]
+    print(f"{len(lengths)} sequences of {min(lengths)}-{longest} tokens, {sum(lengths)} in all; "
+          f"causal={args.causal}; TFLOP/s over the real pairs (bwd counts 2.5x the fwd)")
+    print(f"{'case':<24} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}")
+    for name, fn, real in rows:
+        flops = 4 * HEADS * HEAD_DIM * pairs(real, args.causal)
+        fwd, both = timed(fn, False), timed(fn, True)
+        print(f"{name:<24} {fwd:8.3f} {flops / fwd / 1e9:8.0f} {both:11.3f} "
+              f"{3.5 * flops / both / 1e9:8.0f}", flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
