@@ -205,6 +205,27 @@ def test_float32_partial_output_rounds_to_the_16bit_one(dev):
     assert torch.equal(out32.to(torch.float16), out16)
 
 
+def test_backward_copies_a_gradient_past_32_bit_rows(dev):
+    """A dout whose three rows lie 2^30 elements apart (a view into a larger tensor): its last
+    row's offset, 2^31, would overflow the kernels' 32-bit row offsets. The backward copies it
+    into out's layout, and the gradients equal those of a compact copy. The storage is
+    otherwise untouched."""
+    from flashtile.interface import _backward, _forward, _options
+
+    q, k, v = random_qkv(1, 3, 3, 1, 16, torch.float16, dev)
+    opts = _options(1, 1, 16, dev, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None)
+    out, lse = _forward(q, k, v, opts)
+    storage = torch.empty(2**31 + 16, device=dev, dtype=torch.float16)
+    dout = storage.as_strided((1, 3, 1, 16), (16, 2**30, 16, 1))
+    dout.copy_(torch.randn(1, 3, 1, 16))
+    want = _backward(dout.contiguous(), q, k, v, out, lse, opts)
+    got = _backward(dout, q, k, v, out, lse, opts)
+    for name, w, g in zip(("dq", "dk", "dv"), want, got):
+        assert torch.equal(w, g), f"{name} differs for the sparse gradient"
+    assert bool(want[0].abs().sum() > 0)  # a real gradient, not zeros on both sides
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter has no grid limits to cross")
 @pytest.mark.parametrize("causal", [False, True])
 def test_more_batch_heads_than_a_grid_axis(causal, dev):

@@ -77,6 +77,11 @@ def _forward(q, k, v, opts: AttnOptions, out_dtype: torch.dtype | None = None):
 def _backward(dout, q, k, v, out, lse, opts: AttnOptions):
     if _nothing_to_launch(q, k):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if _row_span(dout, dout.shape[1]) > 2**31:
+        # a gradient laid out more sparsely than out (a view of something larger) takes one
+        # sequence past the kernels' 32-bit row offsets: copied into out's layout, which q's
+        # checks cover
+        dout = torch.empty_like(out).copy_(dout)
     return attention_backward(dout, q, k, v, out, lse, opts)
 
 
@@ -112,6 +117,11 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], nd
                          "(or the CPU through the Triton interpreter)")
 
 
+def _row_span(t: torch.Tensor, rows: int) -> int:
+    """Elements from the first to the last of `rows` rows (dim 1) of one sequence and head."""
+    return (rows - 1) * t.stride(1) + (t.shape[-1] - 1) * t.stride(-1) + 1 if rows > 0 else 0
+
+
 def _check_row_offsets(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...],
                        rows: tuple[int, ...]) -> None:
     """The kernels offset batch entries and heads in 64 bits but rows within one sequence in
@@ -119,7 +129,7 @@ def _check_row_offsets(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]
     2^31 elements. FlashAttention-style tensors reach it at about 1M tokens in one sequence
     with nheads · headdim = 2048."""
     for name, t, n in zip(names, tensors, rows):
-        span = (n - 1) * t.stride(1) + (t.shape[-1] - 1) * t.stride(-1) + 1 if n > 0 else 0
+        span = _row_span(t, n)
         if span > 2**31:
             raise ValueError(
                 f"{name}: one sequence spans {span} elements ({n} rows of stride "
