@@ -78,20 +78,32 @@ def test_candidate(kernel, padded, config, forced, dev):
     check_attention(f"{kernel} {config}", got, ref, base, q.dtype)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("padded,config", _decode_params())
-def test_decode_candidate(padded, config, forced, dev):
+def test_decode_candidate(padded, config, paged, forced, dev):
     """One new token per entry against cached prefixes of 5, 300 and 700 keys, 8 query heads on
-    2 kv heads (PACK_GQA), split-KV chosen automatically."""
+    2 kv heads (PACK_GQA), split-KV chosen automatically; the cache contiguous, or in shuffled
+    pages of 128 rows (every candidate's key block divides it: the TMA path for pages)."""
     forced("fwd", config)
     head_dim, dtype = HEAD_DIMS[padded], DTYPE
     lengths = [5, 300, 700]
     q = torch.randn(3, 1, 8, head_dim, device=dev, dtype=dtype)
-    k_cache, v_cache = (torch.randn(3, 704, 2, head_dim, device=dev, dtype=dtype)
+    k_cache, v_cache = (torch.randn(3, 768, 2, head_dim, device=dev, dtype=dtype)
                         for _ in range(2))
     cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=dev)
-    out, lse = flashtile.flash_attn_with_kvcache(q, k_cache, v_cache,
-                                                 cache_seqlens=cache_seqlens, causal=True,
-                                                 return_softmax_lse=True)
+    if paged:  # page j of entry b is page where[b, j] of the pool
+        where = torch.randperm(18, device=dev)
+        k_pool, v_pool = (torch.empty(18, 128, 2, head_dim, device=dev, dtype=dtype)
+                          for _ in range(2))
+        k_pool[where], v_pool[where] = k_cache.view(18, 128, 2, head_dim), v_cache.view(
+            18, 128, 2, head_dim)
+        out, lse = flashtile.flash_attn_with_kvcache(
+            q, k_pool, v_pool, cache_seqlens=cache_seqlens, block_table=where.view(3, 6).int(),
+            causal=True, return_softmax_lse=True)
+    else:
+        out, lse = flashtile.flash_attn_with_kvcache(q, k_cache, v_cache,
+                                                     cache_seqlens=cache_seqlens, causal=True,
+                                                     return_softmax_lse=True)
     for b, n in enumerate(lengths):
         qi, ki, vi = q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n]
         ref = reference_attention(qi, ki, vi, None, causal=True, dtype=F64)

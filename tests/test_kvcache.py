@@ -7,6 +7,7 @@ import torch
 from conftest import ON_GPU
 
 import flashtile
+from flashtile.kernels import configs
 from flashtile.testing import check_attention, reference_attention
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
@@ -62,12 +63,19 @@ def test_contiguous_cache_with_append(name, options, splits, dtype, dev):
                   dtype, **options)
 
 
-@pytest.mark.parametrize("page", [16, 48])
+@pytest.mark.parametrize("loads", ["tma", "gather"])
+@pytest.mark.parametrize("page", [16, 48, 64])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_paged_cache_across_page_boundaries(page, splits, dev):
+def test_paged_cache_across_page_boundaries(page, splits, loads, dev, monkeypatch):
+    """Pages shuffled; every row that is not an entry's (the rest of its last page, pages no
+    entry uses) holds NaN, so a read of one that is not masked shows. loads="tma": key blocks
+    copied from their page through one descriptor over the pool, where the block size divides
+    the page (the interpreter's 16 always does; on a GPU page 64); "gather": row by row."""
+    if loads == "gather":
+        monkeypatch.setitem(configs.features, "tma_forward", False)
     dtype = torch.float16
     pages_per_entry, blocks = 6, 25
-    k_pages, v_pages = (torch.randn(blocks, page, HK, D, device=dev, dtype=dtype)
+    k_pages, v_pages = (torch.full((blocks, page, HK, D), float("nan"), device=dev, dtype=dtype)
                         for _ in range(2))
     block_table = torch.randperm(blocks, device=dev)[:B * pages_per_entry].view(B, -1).int()
     q = torch.randn(B, 2, H, D, device=dev, dtype=dtype)
@@ -75,6 +83,11 @@ def test_paged_cache_across_page_boundaries(page, splits, dev):
     # appends that start just before a page boundary, at 0, and near the end
     cache_seqlens = torch.tensor([page - 2, 0, pages_per_entry * page - 5], dtype=torch.int32,
                                  device=dev)
+    for b, n in enumerate(cache_seqlens.tolist()):  # the entries' cached rows, through the table
+        rows = torch.arange(n, device=dev)
+        pages = block_table[b, rows // page].long()
+        for cache in (k_pages, v_pages):
+            cache[pages, rows % page] = torch.randn(n, HK, D, device=dev, dtype=dtype)
     out, lse = flashtile.flash_attn_with_kvcache(
         q, k_pages, v_pages, k_new, v_new, cache_seqlens=cache_seqlens, block_table=block_table,
         causal=True, num_splits=splits, return_softmax_lse=True)

@@ -214,8 +214,14 @@ def load_kv(src, BlockTable, start, offs_r, offs_d, stride_r, stride_d, n_rows,
             USE_TMA: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
     """Key or value rows [start, start + BLOCK) as load_rows does, or from a paged cache
     (PAGED): logical row r lives in physical row BlockTable[r // PAGE] · PAGE + r % PAGE of
-    `src`; rows past n_rows read nothing and give zeros."""
-    if PAGED:
+    `src`; rows past n_rows give zeros. A paged cache through TMA (USE_TMA, which the kernel
+    sets only when BLOCK divides PAGE) copies the block from its one page; otherwise each row
+    is gathered by its own page."""
+    if PAGED and USE_TMA:
+        tile = src.load([tl.load(BlockTable + start // PAGE) * PAGE + start % PAGE, 0])
+        if CHECK_ROWS:  # the rest of the last page is not this sequence's
+            tile = tl.where(offs_r[:, None] < n_rows, tile, 0.0)
+    elif PAGED:
         logical = tl.where(offs_r < n_rows, offs_r, 0)
         rows = tl.load(BlockTable + logical // PAGE).to(tl.int64) * PAGE + logical % PAGE
         mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)

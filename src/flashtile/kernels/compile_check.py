@@ -48,6 +48,8 @@ VARIANTS = {
     "decode_pack_gqa_alibi": (dict(KV_CACHE=True, SPLIT_KV=True, PACK_GQA=True, PAGED=True,
                                    PAGE=32, HAS_ALIBI=True, LOCAL_RIGHT=True), (16, 64), 4, 3,
                               "bf16"),
+    "decode_paged_tma": (dict(KV_CACHE=True, SPLIT_KV=True, PACK_GQA=True, PAGED=True,
+                              PAGE=128, USE_TMA=True, LOCAL_RIGHT=True), (16, 64), 4, 3, "bf16"),
     "fp32_d512": (dict(DOT_PRECISION="ieee", HEAD_DIM=320, HEAD_DIM_PAD=512), (16, 16), 4, 1,
                   "fp32"),
 }

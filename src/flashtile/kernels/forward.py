@@ -157,6 +157,7 @@ def _attn_fwd(
         CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
     # -- a KV cache: this entry's valid length, its cache row, its page table --
     kv_b = off_b
+    kv_rows = seqlen_k  # the key tensor's rows: with PAGED, the whole pool of pages
     if KV_CACHE:
         seqlen_k = tl.load(SeqlensK + off_b)
         diag_offset = seqlen_k - seqlen_q
@@ -168,10 +169,15 @@ def _attn_fwd(
         keys_visited = tl.where(start_m < seqlen_q, seqlen_k, 0)
 
     Q_block = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
+    # TMA for keys and values; a paged cache only when every key block lies in one page, and
+    # then through one descriptor over the pool (a block's rows found by its page, load_kv)
+    KV_TMA: tl.constexpr = USE_TMA and (not PAGED or PAGE % BLOCK_N == 0)
+    if not PAGED:
+        kv_rows = seqlen_k
     K_src = row_source(K + kv_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
-                       seqlen_k, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+                       kv_rows, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_TMA)
     V_src = row_source(V + kv_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
-                       seqlen_k, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
+                       kv_rows, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_TMA)
     if PACK_GQA:
         q_rows = Q + off_b * stride_qb + offs_m * stride_qm + offs_h * stride_qh
         q = tl.load(q_rows[:, None] + offs_d[None, :] * stride_qd,
@@ -206,7 +212,7 @@ def _attn_fwd(
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
             DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, False, DOT_PRECISION,
-            USE_TMA, PAGED, PAGE)
+            KV_TMA, PAGED, PAGE)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
                 stride_vd,
@@ -216,7 +222,7 @@ def _attn_fwd(
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
             DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, True, DOT_PRECISION,
-            USE_TMA, PAGED, PAGE)
+            KV_TMA, PAGED, PAGE)
     else:
         # -- key blocks: masked [a, b), unmasked [b, c), masked [c, hi); the rest skipped --
         last_m = start_m + BLOCK_M - 1
@@ -244,7 +250,7 @@ def _attn_fwd(
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
                 DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION,
-                USE_TMA, PAGED, PAGE)
+                KV_TMA, PAGED, PAGE)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
                 stride_vd,
@@ -254,7 +260,7 @@ def _attn_fwd(
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
             DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, False, DOT_PRECISION,
-            USE_TMA, PAGED, PAGE)
+            KV_TMA, PAGED, PAGE)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
                 stride_vd,
@@ -264,7 +270,7 @@ def _attn_fwd(
             slope2, dropout_p, dropout_scale, seed, rng_base,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
             DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION,
-            USE_TMA, PAGED, PAGE)
+            KV_TMA, PAGED, PAGE)
 
     # -- epilogue: normalize; a row that saw nothing gives O = 0, LSE = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -319,7 +325,7 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
     kv_lists, mask_data, *mask_strides = opts.mask_args("kv", lse_k)
     seqlens_k, batch_idx, block_table, stride_btb = opts.kv_args(lse_k)
     kv_flags = opts.kv_flags()
-    use_tma = configs.use_tma("forward", k, v) and not kv_flags["PAGED"]
+    use_tma = configs.use_tma("forward", k, v)
     kernel, launch = _attn_fwd_tunable.select(configs.head_dim_pad(head_dim),
                                               configs.dot_precision(q.dtype))
 
