@@ -77,12 +77,14 @@ def varlen(dropout_p=0.0):
     return run
 
 
-def kvcache(paged: bool, num_splits: int):
+def kvcache(paged: bool, num_splits: int, page: int = 32):
+    """Pages of 32 rows take the gather path (the fixed config's key block is 64); pages of 128
+    the TMA path (a block lies in one page)."""
     def run():
         batch, nheads, nheads_k, head_dim = 3, 8, 2, 128
         if paged:
-            k_cache, v_cache = (torch.randn(13, 32, nheads_k, head_dim, device=DEV, dtype=HALF)
-                                for _ in range(2))
+            k_cache, v_cache = (torch.randn(13, page, nheads_k, head_dim, device=DEV,
+                                            dtype=HALF) for _ in range(2))
             table = torch.randperm(13, device=DEV)[:12].view(batch, 4).to(torch.int32)
             extra = dict(block_table=table)
         else:
@@ -127,6 +129,7 @@ CASES = {
     "varlen_dropout": varlen(dropout_p=0.2),
     "kvcache_paged_split": kvcache(paged=True, num_splits=3),
     "kvcache_paged": kvcache(paged=True, num_splits=1),
+    "kvcache_paged_tma_split": kvcache(paged=True, num_splits=3, page=128),
     "kvcache_contiguous_split": kvcache(paged=False, num_splits=2),
     "sdpa": sdpa,
 }
