@@ -114,6 +114,11 @@ def _keep_all(b, h, q_idx, kv_idx):
     return (q_idx >= 0) & (kv_idx >= 0)
 
 
+def shaped(*names, shape):
+    """The arguments `names`, each a fresh random tensor of `shape`."""
+    return dict.fromkeys(names, lambda args, dev: _randn(dev, *shape))
+
+
 def rows_past_2_31(batch, nheads, head_dim):
     """A (batch, 2, nheads, head_dim) view whose two rows lie 2^31 elements apart (batch
     entries overlap): one sequence spanning more than 2^31 elements. Its storage is never
@@ -246,22 +251,15 @@ BAD_CALLS = [
     case("batch_past_grid_axis", "flash_attn_func", ValueError,
          r"the batch size \(with cu_seqlens, the number of sequences\) must be at most 65535 "
          r"\(a CUDA grid axis holds one program per entry\), got 65536",
-         q=lambda args, dev: _randn(dev, 65536, 1, 1, 16),
-         k=lambda args, dev: _randn(dev, 65536, 1, 1, 16),
-         v=lambda args, dev: _randn(dev, 65536, 1, 1, 16)),
+         **shaped("q", "k", "v", shape=(65536, 1, 1, 16))),
     case("heads_past_grid_axis", "scaled_dot_product_attention", ValueError,
          r"the number of heads must be at most 65535 .*, got 65536",
-         query=lambda args, dev: _randn(dev, 1, 65536, 1, 16),
-         key=lambda args, dev: _randn(dev, 1, 65536, 1, 16),
-         value=lambda args, dev: _randn(dev, 1, 65536, 1, 16)),
+         **shaped("query", "key", "value", shape=(1, 65536, 1, 16))),
     case("sequences_past_grid_axis", "flash_attn_varlen_func", ValueError,
          r"the batch size \(with cu_seqlens, the number of sequences\) must be at most 65535",
-         q=lambda args, dev: _randn(dev, 65536, 2, 16),
-         k=lambda args, dev: _randn(dev, 65536, 2, 16),
-         v=lambda args, dev: _randn(dev, 65536, 2, 16),
-         cu_seqlens_q=lambda args, dev: torch.arange(65537, dtype=torch.int32, device=dev),
-         cu_seqlens_k=lambda args, dev: torch.arange(65537, dtype=torch.int32, device=dev),
-         max_seqlen_q=1, max_seqlen_k=1),
+         **shaped("q", "k", "v", shape=(65536, 2, 16)), max_seqlen_q=1, max_seqlen_k=1,
+         **dict.fromkeys(("cu_seqlens_q", "cu_seqlens_k"), lambda args, dev: torch.arange(
+             65537, dtype=torch.int32, device=dev))),
     case("num_splits_times_batch", "flash_attn_with_kvcache", ValueError,
          r"num_splits × batch must be at most 65535 \(one grid axis holds them\), got "
          r"40000 × 2", num_splits=40000),

@@ -21,6 +21,7 @@ example set (see FUZZ_SEED).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -169,6 +170,20 @@ def run_case(case: Case, dev) -> list[tuple[str, dict, Reference, Reference, tup
         case, dev)
 
 
+def _call_with_probs(attention, case: Case, kw: dict):
+    """out and lse of `attention` (a flashtile function with its tensors bound) and, with
+    dropout, its probabilities from a call under the same seed, so the same dropout mask."""
+    seed = int(torch.randint(2**31, ()))
+    probs = None
+    if case.dropout_p:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            *_, probs = attention(dropout_p=case.dropout_p, return_attn_probs=True, **kw)
+    torch.manual_seed(seed)
+    out, lse = attention(dropout_p=case.dropout_p, return_lse=True, **kw)
+    return out, lse, probs
+
+
 def _run_dense(case: Case, dev):
     batch, n_q, n_k = case.batch, case.lens_q[0], case.lens_k[0]
     q = _randn(case, dev, batch, n_q, case.nheads, case.head_dim, scale=case.qk_scale)
@@ -178,16 +193,8 @@ def _run_dense(case: Case, dev):
     kw, ref_kw = _options(case, dev)
     ref_kw = dict(ref_kw, alibi_slopes=kw["alibi_slopes"])
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    seed = int(torch.randint(2**31, ()))
-    probs = None
-    if case.dropout_p:
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            *_, probs = flashtile.flash_attn_func(q, k, v, dropout_p=case.dropout_p,
-                                                  return_attn_probs=True, **kw)
-    torch.manual_seed(seed)  # the same dropout mask as the probabilities'
-    out, lse = flashtile.flash_attn_func(q, k, v, dropout_p=case.dropout_p, return_lse=True,
-                                         **kw)
+    out, lse, probs = _call_with_probs(functools.partial(flashtile.flash_attn_func, q, k, v),
+                                       case, kw)
     dq, dk, dv = _grads(out, (q, k, v), dout)
     got = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
     ref_kw = _with_dropout_keep(q, k, v, probs, ref_kw, case)
@@ -209,17 +216,8 @@ def _run_varlen(case: Case, dev):
     kw, ref_kw = _options(case, dev)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     max_q, max_k = max(case.lens_q), max(case.lens_k)
-    args = (q, k, v, cu_q, cu_k, max_q, max_k)
-    seed = int(torch.randint(2**31, ()))
-    probs = None
-    if case.dropout_p:
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            *_, probs = flashtile.flash_attn_varlen_func(*args, dropout_p=case.dropout_p,
-                                                         return_attn_probs=True, **kw)
-    torch.manual_seed(seed)
-    out, lse = flashtile.flash_attn_varlen_func(*args, dropout_p=case.dropout_p,
-                                                return_lse=True, **kw)
+    out, lse, probs = _call_with_probs(functools.partial(
+        flashtile.flash_attn_varlen_func, q, k, v, cu_q, cu_k, max_q, max_k), case, kw)
     dq, dk, dv = _grads(out, (q, k, v), dout)
     comparisons = []
     for b, (n_q, n_k) in enumerate(zip(case.lens_q, case.lens_k)):
