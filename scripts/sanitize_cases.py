@@ -19,6 +19,7 @@ import torch
 
 import flashtile
 from flashtile import masks
+from flashtile.kernels import configs
 from flashtile.testing import device
 
 DEV = device()
@@ -79,8 +80,9 @@ def varlen(dropout_p=0.0):
 
 def kvcache(paged: bool, num_splits: int, page: int = 32):
     """Pages of 32 rows take the gather path (the fixed config's key block is 64); pages of 128
-    the TMA path (a block lies in one page)."""
+    the TMA path (a block lies in one page), switched on here (configs.features)."""
     def run():
+        configs.features["tma_paged"] = page % 64 == 0
         batch, nheads, nheads_k, head_dim = 3, 8, 2, 128
         if paged:
             k_cache, v_cache = (torch.randn(13, page, nheads_k, head_dim, device=DEV,

@@ -78,13 +78,16 @@ def test_candidate(kernel, padded, config, forced, dev):
     check_attention(f"{kernel} {config}", got, ref, base, q.dtype)
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("paged", [None, "gather", "tma"],
+                         ids=["contiguous", "paged_gather", "paged_tma"])
 @pytest.mark.parametrize("padded,config", _decode_params())
-def test_decode_candidate(padded, config, paged, forced, dev):
+def test_decode_candidate(padded, config, paged, forced, dev, monkeypatch):
     """One new token per entry against cached prefixes of 5, 300 and 700 keys, 8 query heads on
     2 kv heads (PACK_GQA), split-KV chosen automatically; the cache contiguous, or in shuffled
-    pages of 128 rows (every candidate's key block divides it: the TMA path for pages)."""
+    pages of 128 rows read row by row or, through TMA, a block at a time (every candidate's key
+    block divides the page)."""
     forced("fwd", config)
+    monkeypatch.setitem(configs.features, "tma_paged", paged == "tma")
     head_dim, dtype = HEAD_DIMS[padded], DTYPE
     lengths = [5, 300, 700]
     q = torch.randn(3, 1, 8, head_dim, device=dev, dtype=dtype)

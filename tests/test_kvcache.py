@@ -71,8 +71,7 @@ def test_paged_cache_across_page_boundaries(page, splits, loads, dev, monkeypatc
     entry uses) holds NaN, so a read of one that is not masked shows. loads="tma": key blocks
     copied from their page through one descriptor over the pool, where the block size divides
     the page (the interpreter's 16 always does; on a GPU page 64); "gather": row by row."""
-    if loads == "gather":
-        monkeypatch.setitem(configs.features, "tma_forward", False)
+    monkeypatch.setitem(configs.features, "tma_paged", loads == "tma")
     dtype = torch.float16
     pages_per_entry, blocks = 6, 25
     k_pages, v_pages = (torch.full((blocks, page, HK, D), float("nan"), device=dev, dtype=dtype)

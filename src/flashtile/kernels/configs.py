@@ -244,8 +244,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 # Kernel features that are compile-time flags; tests and tuning sweeps switch them. TMA loads
 # made the forward 9-15% faster on an H100 at head dim 128 and left the backward within noise
-# (-4% to +3%), so the backward keeps plain loads (docs/performance.md, v2).
-features = {"tma_forward": True, "tma_backward": False}
+# (-4% to +3%), so the backward keeps plain loads (docs/performance.md, v2). Paged KV caches
+# through TMA (docs/performance.md, v5.5) stay off until they have run on a GPU: their tests
+# switch them on, and the CPU runs them through the interpreter.
+features = {"tma_forward": True, "tma_backward": False, "tma_paged": False}
 
 
 def _tma_allocator(size: int, alignment: int, stream):

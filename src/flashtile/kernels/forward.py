@@ -325,7 +325,8 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
     kv_lists, mask_data, *mask_strides = opts.mask_args("kv", lse_k)
     seqlens_k, batch_idx, block_table, stride_btb = opts.kv_args(lse_k)
     kv_flags = opts.kv_flags()
-    use_tma = configs.use_tma("forward", k, v)
+    use_tma = configs.use_tma("forward", k, v) and (
+        not kv_flags["PAGED"] or configs.features["tma_paged"])
     kernel, launch = _attn_fwd_tunable.select(configs.head_dim_pad(head_dim),
                                               configs.dot_precision(q.dtype))
 
