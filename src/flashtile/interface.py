@@ -562,6 +562,9 @@ def flash_attn_with_kvcache(
         raise ValueError(f"head dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    if batch * num_splits > MAX_GRID_AXIS:
+        raise ValueError(f"num_splits × batch must be at most {MAX_GRID_AXIS} (one grid axis "
+                         f"holds them), got {num_splits} × {batch}")
     _check_row_offsets(("q",), (q,), (seqlen_q,))  # paged caches' rows are 64-bit
     device = q.device
     if block_table is not None:
@@ -650,9 +653,6 @@ def flash_attn_with_kvcache(
     group = nheads // nheads_k
     programs = (batch * nheads_k * -(-seqlen_q * group // 16) if group > 1
                 else batch * nheads * -(-seqlen_q // 128))
-    if batch * num_splits > MAX_GRID_AXIS:
-        raise ValueError(f"num_splits × batch must be at most {MAX_GRID_AXIS} (one grid axis "
-                         f"holds them), got {num_splits} × {batch}")
     splits = num_splits or _auto_splits(programs, capacity, device)
     keys = k_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else k_cache
     values = v_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else v_cache
