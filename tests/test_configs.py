@@ -51,6 +51,7 @@ def test_tunable_wraps_the_kernel(tunable):
 
 @pytest.mark.parametrize("tunable", TUNABLES, ids=lambda t: t.name)
 def test_select_fixed_override_or_tuned(tunable, monkeypatch):
+    monkeypatch.setenv("FLASHTILE_AUTOTUNE", "1")  # the GPU conftest turns tuning off
     monkeypatch.setattr(configs, "interpreting", lambda: True)  # as on the CPU
     kernel, launch = tunable.select(128, "tf32")  # the interpreter: fixed small blocks
     assert kernel is tunable.kernel and launch == {"BLOCK_M": 32, "BLOCK_N": 16}

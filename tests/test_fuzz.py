@@ -40,7 +40,10 @@ from flashtile.testing import Reference, check_attention, reference_attention
 F64 = torch.float64
 FIELDS = ("out", "lse", "dq", "dk", "dv")
 CPU_EXAMPLES = 60
-EXAMPLES = int(os.environ.get("FLASHTILE_FUZZ_EXAMPLES", 300 if ON_GPU else CPU_EXAMPLES))
+# On the GPU each new flag set and head dim compiles its kernels (seconds each), one example at a
+# time on one pytest worker: 300 examples ran past the suite's 560 s on the H100. The long GPU run
+# is scripts/gpu_fuzz.py (issue 8's 1,000 cases, 8 processes); here the same 60 as on the CPU.
+EXAMPLES = int(os.environ.get("FLASHTILE_FUZZ_EXAMPLES", CPU_EXAMPLES))
 HEAD_DIMS = (3, 8, 16, 24, 33, 40, 57, 64, 80, 96, 128)
 # 16-bit backward at head dims under 8: dS is rounded to 16 bits before the dq and dk products
 # and Delta comes from the 16-bit O; with so few terms per dot product nothing averages those
