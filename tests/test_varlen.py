@@ -131,3 +131,31 @@ def _call(dev, **over):
 def test_varlen_bad_input_is_named(over, exc, match, dev):
     with pytest.raises(exc, match=match):
         _call(dev, **over)
+
+
+def test_cu_seqlens_are_read_once_until_written(dev, monkeypatch):
+    """The values of a cu_seqlens tensor are read on the host (a synchronization) the first time
+    it is seen, not again while it is unchanged, and again after an in-place write."""
+    q, k, v, cu, _ = packed([5, 9, 4], [5, 9, 4], 2, 2, 16, torch.float16, dev)
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(t):
+        reads.append(t.data_ptr())
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    first = flashtile.flash_attn_varlen_func(q, k, v, cu, cu, 9, 9)
+    again = flashtile.flash_attn_varlen_func(q, k, v, cu, cu, 9, 9)
+    assert reads == [cu.data_ptr()]  # one read for both arguments and both calls
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="max_seqlen_q must be an int of at least the longest "
+                                         r"sequence \(9\)"):
+        flashtile.flash_attn_varlen_func(q, k, v, cu, cu, 8, 9)  # the cached longest is used
+    cu[1] = 12  # now [0, 12, 14, 18]: monotone, longest 12
+    with pytest.raises(ValueError, match=r"at least the longest sequence \(12\)"):
+        flashtile.flash_attn_varlen_func(q, k, v, cu, cu, 9, 9)
+    cu[1] = 15  # [0, 15, 14, 18]: decreasing
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0, never decrease"):
+        flashtile.flash_attn_varlen_func(q, k, v, cu, cu, 15, 15)
+    assert len(reads) == 3

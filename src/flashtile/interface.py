@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 
 import torch
 
@@ -404,11 +405,23 @@ def flash_attn_func(
     return (out, lse) if return_lse else out
 
 
+# cu_seqlens tensors whose values were checked: id -> (tensor's weakref, data_ptr, version
+# counter, total, longest). A model passes the same cu_seqlens to every layer, forward and
+# backward; each check is a host synchronization, and after one the GPU idles while the host
+# launches the next kernel (on the H100 that made a 5k-token varlen forward take 1.7-2.8x the
+# dense one's time, docs/performance.md v5.6). An in-place write bumps the version counter, so a
+# changed tensor is checked again; only writes that bypass torch's counter (a raw pointer)
+# would go unseen.
+_CHECKED_CU_MAX = 16
+_checked_cu: dict[int, tuple] = {}
+
+
 def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> int:
     """cu_seqlens: int32, (batch + 1,), starting at 0, nondecreasing, ending at `total`.
-    Returns the longest sequence. (One host synchronization: the values are checked. Under
-    torch.compile or torch.export only the dtype, shape and device are, and 0 is returned:
-    reading the values would break the graph.)"""
+    Returns the longest sequence. (One host synchronization the first time a tensor is seen,
+    none for the same unchanged tensor again. Under torch.compile or torch.export only the
+    dtype, shape and device are checked, and 0 is returned: reading the values would break the
+    graph.)"""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
@@ -418,11 +431,19 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> int:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     if _capturing(device):  # torch.compile tracing or a CUDA graph capture: no host read
         return 0
+    stamp = (cu.data_ptr(), cu._version, total)
+    seen = _checked_cu.get(id(cu))
+    if seen is not None and seen[0]() is cu and seen[1:4] == stamp:
+        return seen[4]
     values = cu.tolist()
     if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must start at 0, never decrease and end at {total} (the "
                          f"packed length), got {values[:8]}{' ...' if len(values) > 8 else ''}")
-    return max(b - a for a, b in zip(values, values[1:]))
+    longest = max(b - a for a, b in zip(values, values[1:]))
+    if len(_checked_cu) >= _CHECKED_CU_MAX:
+        _checked_cu.pop(next(iter(_checked_cu)))
+    _checked_cu[id(cu)] = (weakref.ref(cu), *stamp, longest)
+    return longest
 
 
 def flash_attn_varlen_func(
@@ -649,11 +670,8 @@ def flash_attn_with_kvcache(
     opts = _options(batch, nheads, head_dim, device, softmax_scale=softmax_scale, causal=causal,
                     window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                     kvcache=(seqlens_k.to(torch.int32), batch_idx, block_table, page))
-    # programs of the forward: with grouped heads one per kv head (PACK_GQA, 16-row blocks)
-    group = nheads // nheads_k
-    programs = (batch * nheads_k * -(-seqlen_q * group // 16) if group > 1
-                else batch * nheads * -(-seqlen_q // 128))
-    splits = num_splits or _auto_splits(programs, capacity, device)
+    splits = num_splits or _auto_splits(
+        _decode_programs(batch, nheads, nheads_k, seqlen_q), capacity, device)
     keys = k_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else k_cache
     values = v_cache.view(1, -1, nheads_k, head_dim) if block_table is not None else v_cache
     if q.numel() == 0:
@@ -674,6 +692,15 @@ def _capturing(device: torch.device) -> bool:
     if torch.compiler.is_compiling():
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _decode_programs(batch: int, nheads: int, nheads_k: int, seqlen_q: int) -> int:
+    """The forward's programs against a KV cache, unsplit: with grouped heads one per kv head
+    and 16 of the group's (query, head) rows (PACK_GQA), else one per head and 128 queries."""
+    group = nheads // nheads_k
+    if group > 1:
+        return batch * nheads_k * -(-seqlen_q * group // 16)
+    return batch * nheads * -(-seqlen_q // 128)
 
 
 def _auto_splits(programs: int, longest: int, device: torch.device) -> int:

@@ -202,9 +202,10 @@ def sdpa_decode(case: DecodeCase, q: torch.Tensor, k_cache: torch.Tensor, v_cach
 def _auto_splits(case: DecodeCase, device: torch.device) -> int | None:
     """The split count flash_attn_with_kvcache's num_splits=0 chooses here, for the report."""
     try:
-        from flashtile.interface import _auto_splits as choose
+        from flashtile.interface import _auto_splits, _decode_programs
 
-        return choose(case.batch * case.heads, case.cache_len, device)
+        programs = _decode_programs(case.batch, case.heads, case.kv_heads, 1)
+        return _auto_splits(programs, case.cache_len, device)
     except Exception:
         return None
 
