@@ -13,7 +13,7 @@ import torch
 import triton
 
 import flashtile
-from flashtile.interface import _auto_splits, _options
+from flashtile.interface import _auto_splits, _decode_programs, _options
 from flashtile.kernels.forward import attention_forward
 
 B, L = (int(x) for x in (sys.argv[1:] or ["1", "16384"]))
@@ -31,7 +31,7 @@ def call():
 batch_idx = torch.arange(B, dtype=torch.int32, device="cuda")
 opts = _options(B, H, D, q.device, softmax_scale=None, causal=False, window_size=(-1, -1),
                 softcap=0.0, alibi_slopes=None, kvcache=(seqlens, batch_idx, None, 0))
-splits = _auto_splits(B * H, L, q.device)
+splits = _auto_splits(_decode_programs(B, H, HK, 1), L, q.device)
 
 
 def kernel_only():

@@ -6,9 +6,12 @@ Times, forward and forward+backward, bf16, 16 heads, D 128 (`flashtile bench --v
   2. the batch packed in its drawn order and sorted longest first: the longest sequences' blocks
      then start first (grid axis 2 is the sequence), so a gap is the schedule's tail;
   3. the batch as padded dense flash_attn_func, the yardstick of the target.
-Each row reports ms and TFLOP/s over the real (query, key) pairs. Needs a CUDA GPU.
+Each row reports ms and TFLOP/s over the real (query, key) pairs. With --configs, also the
+forward of the one longest sequence, varlen against dense, with each of the first forward
+candidates forced in both (and the first with TMA off): equal configs, so a gap is the varlen
+path's own (docs/performance.md v5.6). Needs a CUDA GPU.
 
-Usage: python scripts/varlen_probe.py [--causal]
+Usage: python scripts/varlen_probe.py [--causal] [--configs]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import triton
 
 import flashtile
 from flashtile.bench.varlen import HEAD_DIM, HEADS, draw_lengths
+from flashtile.kernels import configs
 
 
 def pairs(lengths, causal: bool) -> int:
@@ -54,9 +58,36 @@ def dense(batch: int, seqlen: int, causal: bool):
     return lambda: flashtile.flash_attn_func(q, k, v, causal=causal)
 
 
+def forced_configs(seqlen: int, causal: bool, count: int = 3) -> None:
+    """The forward of one sequence, varlen against dense, each with the same forced config."""
+    q, k, v = (torch.randn(1, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
+    runs = {"dense": lambda: flashtile.flash_attn_func(q, k, v, causal=causal),
+            "varlen": lambda: flashtile.flash_attn_varlen_func(
+                q[0], k[0], v[0], cu, cu, seqlen, seqlen, causal=causal).unsqueeze(0)}
+    tma = configs.features["tma_forward"]
+    first = configs.candidates("fwd", HEAD_DIM, "tf32")[:count]
+    try:
+        for use_tma, config in [(True, c) for c in first] + [(False, first[0])]:
+            configs.features["tma_forward"] = use_tma
+            configs.set_override("fwd", configs.KernelConfig(*config))
+            us = {name: triton.testing.do_bench(fn, warmup=25, rep=150) * 1e3
+                  for name, fn in runs.items()}
+            same = torch.equal(runs["dense"](), runs["varlen"]())
+            print(f"config {config} tma={use_tma:d}: dense {us['dense']:7.1f} us, varlen "
+                  f"{us['varlen']:7.1f} us, varlen / dense {us['varlen'] / us['dense']:.2f}, "
+                  f"outputs bitwise equal: {same}", flush=True)
+    finally:
+        configs.features["tma_forward"] = tma
+        configs.set_override("fwd", None)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--configs", action="store_true",
+                        help="also time varlen against dense with the same forced configs")
     args = parser.parse_args(argv)
     lengths = draw_lengths()
     longest = max(lengths)
@@ -76,6 +107,8 @@ def main(argv=None) -> None:
         print(f"{name:<24} {fwd:8.3f} {flops / fwd / 1e9:8.0f} {both:11.3f} "
               f"{3.5 * flops / both / 1e9:8.0f}", flush=True)
         torch.cuda.empty_cache()
+    if args.configs:
+        forced_configs(longest, args.causal)
 
 
 if __name__ == "__main__":
