@@ -159,3 +159,22 @@ def test_cu_seqlens_are_read_once_until_written(dev, monkeypatch):
     with pytest.raises(ValueError, match="cu_seqlens_q must start at 0, never decrease"):
         flashtile.flash_attn_varlen_func(q, k, v, cu, cu, 15, 15)
     assert len(reads) == 3
+
+
+def test_cu_seqlens_made_in_inference_mode_are_read_every_call(dev, monkeypatch):
+    """An inference tensor has no version counter, so nothing is remembered: each call reads
+    its values, and an in-place write is caught."""
+    q, k, v, _, _ = packed([5, 9, 4], [5, 9, 4], 2, 2, 16, torch.float16, dev)
+    with torch.inference_mode():
+        cu = cumulative([5, 9, 4], dev)
+        out = flashtile.flash_attn_varlen_func(q, k, v, cu, cu, 9, 9)
+    rows = slice(5, 14)  # the second sequence
+    qi, ki, vi = q[rows][None], k[rows][None], v[rows][None]
+    ref = reference_attention(qi, ki, vi, dtype=torch.float64)
+    base = reference_attention(qi, ki, vi)
+    check_attention("inference-mode cu_seqlens", {"out": out[rows][None]}, ref, base,
+                    torch.float16, fields=("out",))
+    with torch.inference_mode():
+        cu[1] = 15  # [0, 15, 14, 18]: decreasing
+        with pytest.raises(ValueError, match="cu_seqlens_q must start at 0, never decrease"):
+            flashtile.flash_attn_varlen_func(q, k, v, cu, cu, 15, 15)

@@ -431,15 +431,18 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> int:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     if _capturing(device):  # torch.compile tracing or a CUDA graph capture: no host read
         return 0
-    stamp = (cu.data_ptr(), cu._version, total)
+    # an inference tensor has no version counter: it is read every time
+    stamp = None if cu.is_inference() else (cu.data_ptr(), cu._version, total)
     seen = _checked_cu.get(id(cu))
-    if seen is not None and seen[0]() is cu and seen[1:4] == stamp:
+    if stamp is not None and seen is not None and seen[0]() is cu and seen[1:4] == stamp:
         return seen[4]
     values = cu.tolist()
     if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must start at 0, never decrease and end at {total} (the "
                          f"packed length), got {values[:8]}{' ...' if len(values) > 8 else ''}")
     longest = max(b - a for a, b in zip(values, values[1:]))
+    if stamp is None:
+        return longest
     if len(_checked_cu) >= _CHECKED_CU_MAX:
         _checked_cu.pop(next(iter(_checked_cu)))
     _checked_cu[id(cu)] = (weakref.ref(cu), *stamp, longest)
