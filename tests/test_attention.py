@@ -13,7 +13,7 @@ import torch
 from conftest import ON_GPU
 
 import flashtile
-from flashtile.testing import check_attention, random_qkv, reference_attention
+from flashtile.testing import check_attention, random_qkv, reference_attention, run_flashtile
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
 
@@ -32,12 +32,6 @@ SHAPES = [
 ]
 if ON_GPU:
     SHAPES += [(1000, 1000, 128), (1024, 2048, 64), (2048, 999, 128), (777, 1333, 256)]
-
-
-def run_flashtile(q, k, v, dout, **kwargs):
-    out, lse = flashtile.flash_attn_func(q, k, v, return_lse=True, **kwargs)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
 
 
 def check_against_reference(name, q, k, v, *, causal, softmax_scale=None,

@@ -17,7 +17,7 @@ from conftest import ON_GPU
 
 import flashtile
 from flashtile.kernels import configs
-from flashtile.testing import check_attention, random_qkv, reference_attention
+from flashtile.testing import check_attention, random_qkv, reference_attention, run_flashtile
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="GPU configs; the interpreter runs one "
                                 "fixed config (kernels/configs.py)")
@@ -59,12 +59,6 @@ def forced():
         configs.set_override(kernel, None)
 
 
-def run_flashtile(q, k, v, dout):
-    out, lse = flashtile.flash_attn_func(q, k, v, causal=True, return_lse=True)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
-
-
 @pytest.mark.parametrize("kernel,padded,config", _params())
 def test_candidate(kernel, padded, config, forced, dev):
     forced(kernel, config)
@@ -72,7 +66,7 @@ def test_candidate(kernel, padded, config, forced, dev):
     q, k, v = random_qkv(2, seqlen_q, seqlen_k, 4, HEAD_DIMS[padded], DTYPE, dev,
                          nheads_k=2)
     dout = torch.randn_like(q)
-    got = run_flashtile(q, k, v, dout)
+    got = run_flashtile(q, k, v, dout, causal=True)
     ref = reference_attention(q, k, v, dout, causal=True, dtype=F64)
     base = reference_attention(q, k, v, dout, causal=True)
     check_attention(f"{kernel} {config}", got, ref, base, q.dtype)
@@ -121,7 +115,7 @@ def test_tuned_then_remembered(dev, monkeypatch):
     monkeypatch.setenv("FLASHTILE_AUTOTUNE", "1")
     q, k, v = random_qkv(2, 1000, 1000, 4, 128, DTYPE, dev, nheads_k=2)
     dout = torch.randn_like(q)
-    first, second = run_flashtile(q, k, v, dout), run_flashtile(q, k, v, dout)
+    first, second = (run_flashtile(q, k, v, dout, causal=True) for _ in range(2))
     for field in first:
         assert torch.equal(first[field], second[field]), f"{field}: tuned and remembered differ"
     ref = reference_attention(q, k, v, dout, causal=True, dtype=F64)

@@ -40,9 +40,8 @@ import triton.language as tl  # noqa: F401  (the interpreter needs tl visible to
 from conftest import ON_GPU
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import flashtile
 from flashtile.reference import attention_naive, keep_mask
-from flashtile.testing import FLOOR, check_attention, reference_attention
+from flashtile.testing import FLOOR, check_attention, reference_attention, run_flashtile
 
 # numpy, under the Triton interpreter, warns of the inf and NaN these inputs are made of (and of
 # exp2 overflowing in lanes past the end of a tile, which are never stored)
@@ -53,17 +52,15 @@ DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
 NAN, NEG_INF = float("nan"), float("-inf")
 
 
-def run_flashtile(q, k, v, dout, **kwargs):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = flashtile.flash_attn_func(q, k, v, return_lse=True, **kwargs)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    return dict(out=out.detach(), lse=lse, dq=dq, dk=dk, dv=dv)
+def run_leaves(q, k, v, dout, **kwargs):
+    """run_flashtile on detached copies made leaves (the inputs here may be built by ops)."""
+    return run_flashtile(*(t.detach().requires_grad_() for t in (q, k, v)), dout, **kwargs)
 
 
 def check_rule(name, q, k, v, dout, fields=("out", "lse", "dq", "dk", "dv"), **kwargs):
     """flashtile against the float64 reference by the rule; the baseline must be finite (else
     the rule would allow anything)."""
-    got = run_flashtile(q, k, v, dout, **kwargs)
+    got = run_leaves(q, k, v, dout, **kwargs)
     ref = reference_attention(q, k, v, dout, dtype=F64, **kwargs)
     base = reference_attention(q, k, v, dout, **kwargs)
     for field in fields:
@@ -306,7 +303,7 @@ def slices_other_than_poisoned(t):
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_nonfinite_inputs(where, value, causal, dtype, dev):
     q, k, v, dout, clean = poisoned_inputs(where, value, dtype, dev)
-    got = run_flashtile(q, k, v, dout, causal=causal)
+    got = run_leaves(q, k, v, dout, causal=causal)
     base = reference_attention(q, k, v, dout, causal=causal)
     ref = reference_attention(q, k, v, dout, causal=causal, dtype=F64)
     # forward: torch's attention (flashtile.reference, torch's CPU SDPA agree on it)
@@ -322,7 +319,7 @@ def test_nonfinite_inputs(where, value, causal, dtype, dev):
             check_nonfinite_like(f"{where}={value} {name}", g, want, dtype, b)
         return
     # causal: every batch entry and head but the poisoned one exactly as without the poison
-    again = run_flashtile(*clean, dout, causal=causal)
+    again = run_leaves(*clean, dout, causal=causal)
     for field, t in got.items():
         assert torch.equal(slices_other_than_poisoned(t), slices_other_than_poisoned(again[field])
                            ), f"{where}={value}: {field} of another batch entry or head changed"
@@ -394,7 +391,7 @@ def test_rows_that_see_nothing(case, dtype, dev):
         ref_kw["mask"] = keep
     empty_rows, unseen_keys = ~keep.any(1), ~keep.any(0)
     assert bool(empty_rows.any())
-    got = run_flashtile(q, k, v, dout, mask_mod=mask_mod, **kw)
+    got = run_leaves(q, k, v, dout, mask_mod=mask_mod, **kw)
     ref = reference_attention(q, k, v, dout, dtype=F64, **ref_kw)
     base = reference_attention(q, k, v, dout, **ref_kw)
     check_attention(name, got, ref, base, dtype)
@@ -424,7 +421,7 @@ def test_row_whose_scores_are_all_minus_inf_is_empty(dev):
     k[..., 3] = k[..., 3].abs() + 0.1
     q[0, 5, 0, 3] = NEG_INF
     dout = torch.randn_like(q)
-    got = run_flashtile(q, k, v, dout)
+    got = run_leaves(q, k, v, dout)
     ref = attention_naive(*(t.transpose(1, 2).double() for t in (q, k, v)))
     assert bool((ref[0].transpose(1, 2)[0, 5] == 0).all()) and ref[1][0, 0, 5] == NEG_INF
     assert bool((got["out"][0, 5] == 0).all()) and got["lse"][0, 0, 5] == NEG_INF

@@ -19,6 +19,7 @@ from flashtile.testing import (
     check_attention,
     random_qkv,
     reference_attention,
+    run_flashtile,
     tolerance,
 )
 
@@ -44,12 +45,6 @@ def make_inputs(dtype, dev, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_di
     if "alibi" in kw:
         kw["alibi_slopes"] = alibi_slopes(batch, nheads, kw.pop("alibi"), dev)
     return (*(t.requires_grad_(requires_grad) for t in (q, k, v)), kw)
-
-
-def run_flashtile(q, k, v, dout, **kwargs):
-    out, lse = flashtile.flash_attn_func(q, k, v, return_lse=True, **kwargs)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
 
 
 def check_out_is_probs_v(name, out, probs, v, ref, base, dtype):

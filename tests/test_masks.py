@@ -28,6 +28,7 @@ from flashtile.testing import (
     check_attention,
     random_qkv,
     reference_attention,
+    run_flashtile,
     tolerance,
 )
 
@@ -196,12 +197,6 @@ def reference64(q, k, v, dout, **kwargs):
     leaf's dtype), half a unit off already; where a gradient is large (key 0 of per_head_mask
     collects whole rows), that and the kernel's own rounding differ by a unit, over the floor."""
     return reference_attention(*(t.double() for t in (q, k, v, dout)), dtype=F64, **kwargs)
-
-
-def run_flashtile(q, k, v, dout, **kwargs):
-    out, lse = flashtile.flash_attn_func(q, k, v, return_lse=True, **kwargs)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
 
 
 def case_id(case) -> str:

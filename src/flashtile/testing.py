@@ -127,6 +127,16 @@ def assert_close(name: str, actual: torch.Tensor, reference: torch.Tensor, atol:
             f"reference {reference[where].item():.6g}")
 
 
+def run_flashtile(q, k, v, dout, **kwargs) -> dict[str, torch.Tensor]:
+    """flash_attn_func(q, k, v, **kwargs)'s out and lse and the gradients of q, k and v for
+    dout, as the dict check_attention takes."""
+    from flashtile.interface import flash_attn_func
+
+    out, lse = flash_attn_func(q, k, v, return_lse=True, **kwargs)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
 def check_attention(name: str, actual, reference: Reference, baseline: Reference,
                     dtype: torch.dtype, fields=("out", "lse", "dq", "dk", "dv")) -> None:
     """Apply the FlashAttention rule to every field: actual is a dict or object of tensors."""
