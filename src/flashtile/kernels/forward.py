@@ -157,7 +157,7 @@ def _attn_fwd(
         CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
     # -- a KV cache: this entry's valid length, its cache row, its page table --
     kv_b = off_b
-    kv_rows = seqlen_k  # the key tensor's rows: with PAGED, the whole pool of pages
+    pool_rows = seqlen_k  # with PAGED, the key tensor is the whole pool of pages: its rows
     if KV_CACHE:
         seqlen_k = tl.load(SeqlensK + off_b)
         diag_offset = seqlen_k - seqlen_q
@@ -172,8 +172,7 @@ def _attn_fwd(
     # TMA for keys and values; a paged cache only when every key block lies in one page, and
     # then through one descriptor over the pool (a block's rows found by its page, load_kv)
     KV_TMA: tl.constexpr = USE_TMA and (not PAGED or PAGE % BLOCK_N == 0)
-    if not PAGED:
-        kv_rows = seqlen_k
+    kv_rows = pool_rows if PAGED else seqlen_k
     K_src = row_source(K + kv_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
                        kv_rows, stride_kn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, KV_TMA)
     V_src = row_source(V + kv_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
