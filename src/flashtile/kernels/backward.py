@@ -41,6 +41,7 @@ from flashtile.kernels.common import (
     seq_bounds,
     visible,
 )
+from flashtile.kernels.launch import Launcher
 from flashtile.kernels.params import AttnOptions
 
 
@@ -451,6 +452,7 @@ def _attn_bwd_dq(
              mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
+_preprocess = Launcher(_attn_bwd_preprocess)
 _attn_bwd_dkdv_tunable = configs.Tunable("bwd_dkdv", _attn_bwd_dkdv)
 _attn_bwd_dq_tunable = configs.Tunable("bwd_dq", _attn_bwd_dq)
 
@@ -482,7 +484,7 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
 
     # Delta is per row: the tensors' own shape (with varlen, all packed rows as one sequence)
     grid = (triton.cdiv(q.shape[1], configs.PREPROCESS_BLOCK_M), nheads, q.shape[0])
-    _attn_bwd_preprocess[grid](
+    _preprocess[grid](
         out, do, delta, *out.stride(), *do.stride(), lse.stride(0), lse.stride(1),
         q.shape[1], BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
     )

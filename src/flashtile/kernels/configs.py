@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from flashtile.kernels.launch import Launcher
+
 log = logging.getLogger("flashtile")
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
@@ -190,8 +192,9 @@ TUNING_KEY = ["HEAD_DIM_PAD", "DOT_PRECISION", "seqlen_bucket", "USE_TMA",
 
 class Tunable:
     """A kernel beside its autotuned twin. `select(head_dim_padded, precision)` gives what to
-    launch: the kernel with a fixed config (interpreter, override, FLASHTILE_AUTOTUNE=0), else
-    the autotuner over `tuning_space(name)`, keyed by TUNING_KEY, through `Remembered`."""
+    launch: the kernel (through `Launcher`) with a fixed config (interpreter, override,
+    FLASHTILE_AUTOTUNE=0), else the autotuner over `tuning_space(name)`, keyed by TUNING_KEY,
+    through `Remembered`."""
 
     def __init__(self, name: str, kernel, extra_key: tuple[str, ...] = ()):
         self.name = name
@@ -199,18 +202,19 @@ class Tunable:
         self.tuned = triton.autotune(
             tuning_space(name), key=TUNING_KEY + list(extra_key), cache_results=True,
             prune_configs_by={"early_config_prune": pruner(name)})(kernel)
+        self.launcher = Launcher(kernel)
         self.remembered = Remembered(self)
 
     def select(self, head_dim_padded: int, precision: str):
         fixed = fixed_config(self.name, head_dim_padded, precision)
-        return (self.kernel, fixed.launch_kwargs()) if fixed else (self.remembered, {})
+        return (self.launcher, fixed.launch_kwargs()) if fixed else (self.remembered, {})
 
 
 class Remembered:
     """`tunable.remembered[grid](*args, **kwargs)`: the autotuner on the first call of a tuning
-    key, then its choice launched on the kernel directly. triton.autotune's own call binds every
-    argument by name each time: on the H100's host that Python took as long as a small
-    problem's GPU work (docs/performance.md, v5 outcome)."""
+    key, then its choice launched on the kernel directly (through `Launcher`). triton.autotune's
+    own call binds every argument by name each time: on the H100's host that Python took as
+    long as a small problem's GPU work (docs/performance.md, v5 outcome)."""
 
     def __init__(self, tunable: Tunable):
         self.tunable = tunable
@@ -232,7 +236,7 @@ class Remembered:
                 self.tunable.tuned[grid](*args, **kwargs)
                 self.best[key] = self.tunable.tuned.best_config.all_kwargs()
             else:
-                self.tunable.kernel[grid](*args, **kwargs, **best)
+                self.tunable.launcher.launch(grid, args, {**kwargs, **best})
 
         return launch
 

@@ -45,6 +45,7 @@ from flashtile.kernels.common import (
     seq_bounds,
     visible,
 )
+from flashtile.kernels.launch import Launcher
 from flashtile.kernels.params import AttnOptions
 
 
@@ -386,6 +387,9 @@ def _combine_splits(
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + off_m * stride_lm, lse)
 
 
+_combine = Launcher(_combine_splits)
+
+
 def combine_splits(out_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype):
     """Partial results (S, B, Nq, H, D) and (S, B, H, Nq) of disjoint key chunks -> out
     (B, Nq, H, D) in `dtype`, lse (B, H, Nq) float32 (float64 partials give float64). One
@@ -394,7 +398,7 @@ def combine_splits(out_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.
     out = torch.empty(out_part.shape[1:], device=out_part.device, dtype=dtype)
     lse = torch.empty(lse_part.shape[1:], device=out.device,
                       dtype=torch.promote_types(lse_part.dtype, torch.float32))
-    _combine_splits[(batch * seqlen_q * nheads,)](
+    _combine[(batch * seqlen_q * nheads,)](
         out_part, lse_part, out, lse, *out_part.stride(), *lse_part.stride(), *out.stride(),
         nheads, seqlen_q, splits, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=configs.head_dim_pad(head_dim),

@@ -1,0 +1,109 @@
+"""kernels/launch.py: a remembered launch runs the kernel Triton would have chosen, and a new
+signature (value, dtype, alignment, keyword) goes through Triton again."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from flashtile.kernels.configs import interpreting
+from flashtile.kernels.launch import Launcher
+
+DEVICE = "cpu" if interpreting() else "cuda"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled launches need a GPU")
+
+
+@triton.jit
+def _scaled_copy(X, Y, n, alpha, BLOCK: tl.constexpr, TWICE: tl.constexpr = False):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n)
+    y = x * alpha
+    if TWICE:
+        y = y * 2.0
+    tl.store(Y + offs, y, mask=offs < n)
+
+
+class Counting:
+    """Stands in for the JITFunction and counts the launches that go through Triton."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.fn[grid]
+
+
+def _grid(n):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+
+
+def _run(launcher, x, n, alpha, **kwargs):
+    y = torch.full_like(x, float("nan"))  # poisoned: an unwritten element shows
+    launcher[_grid(n)](x, y, n, alpha, BLOCK=128, **kwargs)
+    return y
+
+
+def test_launch_matches_the_formula():
+    x = torch.randn(1000, device=DEVICE)
+    launcher = Launcher(_scaled_copy)
+    for _ in range(3):
+        y = _run(launcher, x, 1000, 1.5)
+        torch.testing.assert_close(y, x * 1.5, rtol=0, atol=0)
+    y = _run(launcher, x, 1000, 1.5, TWICE=True)
+    torch.testing.assert_close(y, x * 3.0, rtol=0, atol=0)
+
+
+@needs_gpu
+def test_same_signature_skips_triton_and_new_ones_do_not():
+    launcher = Launcher(_scaled_copy)
+    launcher.fn = counting = Counting(_scaled_copy)
+    x = torch.randn(1000, device="cuda")
+    torch.testing.assert_close(_run(launcher, x, 1000, 1.5), x * 1.5, rtol=0, atol=0)
+    assert counting.calls == 1 and len(launcher.entries) == 1
+    other = torch.randn(1000, device="cuda")  # another aligned tensor: the same signature
+    torch.testing.assert_close(_run(launcher, other, 1000, 1.5), other * 1.5, rtol=0, atol=0)
+    assert counting.calls == 1
+    # each of these changes what Triton specializes on (or might): a new entry each
+    buffer = torch.randn(1001, device="cuda")
+    misaligned = buffer[1:]  # 4 bytes past a 16-byte boundary
+    assert misaligned.data_ptr() % 16 == 4
+    cases = [
+        (misaligned, 1000, 1.5, {}),           # alignment
+        (x, 1000, 2.5, {}),                     # a scalar's value
+        (x, 992, 1.5, {}),                      # an integer's divisibility by 16
+        (x.half(), 1000, 1.5, {}),              # dtype
+        (x, 1000, 1.5, {"TWICE": True}),        # a keyword
+    ]
+    for i, (t, n, alpha, kwargs) in enumerate(cases, start=2):
+        y = _run(launcher, t, n, alpha, **kwargs)
+        want = t[:n].float() * alpha * (2 if kwargs else 1)
+        torch.testing.assert_close(y[:n].float(), want, rtol=1e-3 if t.dtype == torch.half
+                                   else 0, atol=0)
+        assert counting.calls == i and len(launcher.entries) == i
+    # and each remembered one launches without Triton, still right
+    for t, n, alpha, kwargs in cases:
+        y = _run(launcher, t, n, alpha, **kwargs)
+        want = t[:n].float() * alpha * (2 if kwargs else 1)
+        torch.testing.assert_close(y[:n].float(), want, rtol=1e-3 if t.dtype == torch.half
+                                   else 0, atol=0)
+    assert counting.calls == len(cases) + 1
+
+
+@needs_gpu
+def test_a_launch_hook_goes_through_triton():
+    from triton import knobs
+
+    launcher = Launcher(_scaled_copy)
+    launcher.fn = counting = Counting(_scaled_copy)
+    x = torch.randn(1000, device="cuda")
+    _run(launcher, x, 1000, 1.5)
+    _run(launcher, x, 1000, 1.5)
+    assert counting.calls == 1
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)
+    try:
+        torch.testing.assert_close(_run(launcher, x, 1000, 1.5), x * 1.5, rtol=0, atol=0)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
+    assert counting.calls == 2 and len(seen) == 1
