@@ -47,8 +47,13 @@ _INTERPRETER = KernelConfig(BLOCK_M=32, BLOCK_N=16)
 _override: dict[str, KernelConfig] = {}
 
 
+# Read once: Triton decides at import, when it decorates the kernels, whether they are
+# interpreted, so the answer cannot change afterwards (and each launch asked it several times).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def head_dim_pad(head_dim: int) -> int:
