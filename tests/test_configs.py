@@ -54,10 +54,11 @@ def test_select_fixed_override_or_tuned(tunable, monkeypatch):
     monkeypatch.setenv("FLASHTILE_AUTOTUNE", "1")  # the GPU conftest turns tuning off
     monkeypatch.setattr(configs, "interpreting", lambda: True)  # as on the CPU
     kernel, launch = tunable.select(128, "tf32")  # the interpreter: fixed small blocks
-    assert kernel is tunable.kernel and launch == {"BLOCK_M": 32, "BLOCK_N": 16}
+    assert kernel is tunable.launcher and launch == {"BLOCK_M": 32, "BLOCK_N": 16}
+    assert tunable.launcher.fn is tunable.kernel
     configs.set_override(tunable.name, configs.KernelConfig(64, 32))
     try:
-        assert tunable.select(128, "tf32") == (tunable.kernel, {"BLOCK_M": 64, "BLOCK_N": 32})
+        assert tunable.select(128, "tf32") == (tunable.launcher, {"BLOCK_M": 64, "BLOCK_N": 32})
     finally:
         configs.set_override(tunable.name, None)
     monkeypatch.setattr(configs, "interpreting", lambda: False)  # as on a GPU
@@ -66,7 +67,7 @@ def test_select_fixed_override_or_tuned(tunable, monkeypatch):
     monkeypatch.setenv("FLASHTILE_AUTOTUNE", "0")
     m, n, w, st = configs.candidates(tunable.name, 512, "tf32")[0]
     assert tunable.select(512, "tf32") == (
-        tunable.kernel, {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st})
+        tunable.launcher, {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st})
 
 
 def test_set_override_names_the_kernel():
