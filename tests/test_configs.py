@@ -11,6 +11,7 @@ import torch
 import triton
 
 from flashtile.kernels import backward, configs, forward
+from flashtile.kernels.launch import Launcher
 
 TUNABLES = [forward._attn_fwd_tunable, backward._attn_bwd_dkdv_tunable,
             backward._attn_bwd_dq_tunable]
@@ -122,6 +123,7 @@ def test_remembered_tunes_once_then_launches_the_choice(monkeypatch):
 
     tunable = configs.Tunable.__new__(configs.Tunable)
     tunable.kernel, tunable.tuned = FakeKernel(), FakeTuned()
+    tunable.launcher = Launcher(tunable.kernel)  # not a JITFunction: passes every call on
     remembered = configs.Remembered(tunable)
     q = torch.zeros(1, dtype=torch.float16)
     for bucket in (10, 10, 11, 10):
