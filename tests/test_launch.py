@@ -107,3 +107,43 @@ def test_a_launch_hook_goes_through_triton():
     finally:
         knobs.runtime.launch_enter_hook.remove(seen.append)
     assert counting.calls == 2 and len(seen) == 1
+
+
+@needs_gpu
+def test_attention_again_takes_the_remembered_launches_and_agrees():
+    """The second identical call launches every kernel (forward, Delta, dK/dV, dQ; the
+    KV cache's split forward and combine) without Triton's path, bit for bit as the first."""
+    from flashtile import flash_attn_with_kvcache
+    from flashtile.kernels import backward, forward
+    from flashtile.testing import random_qkv, run_flashtile
+
+    launchers = {"fwd": forward._attn_fwd_tunable.launcher, "combine": forward._combine,
+                 "delta": backward._preprocess, "dkdv": backward._attn_bwd_dkdv_tunable.launcher,
+                 "dq": backward._attn_bwd_dq_tunable.launcher}
+    spies = {}
+    for name, launcher in launchers.items():
+        launcher.entries.clear()
+        spies[name] = launcher.fn = Counting(launcher.fn)
+    try:
+        q, k, v = random_qkv(2, 300, 500, 4, 64, torch.bfloat16, "cuda", nheads_k=2)
+        dout = torch.randn_like(q)
+        first = run_flashtile(q, k, v, dout, causal=True)
+        cache_k, cache_v = (torch.randn(2, 4096, 2, 64, device="cuda", dtype=torch.bfloat16)
+                            for _ in range(2))
+        lengths = torch.tensor([4000, 1234], device="cuda", dtype=torch.int32)
+        decode = [flash_attn_with_kvcache(q[:, :1], cache_k, cache_v, cache_seqlens=lengths,
+                                          num_splits=4, return_softmax_lse=True)]
+        through_triton = {name: spy.calls for name, spy in spies.items()}
+        assert all(through_triton.values()), through_triton
+        second = run_flashtile(q, k, v, dout, causal=True)
+        decode.append(flash_attn_with_kvcache(q[:, :1], cache_k, cache_v,
+                                              cache_seqlens=lengths, num_splits=4,
+                                              return_softmax_lse=True))
+        assert {name: spy.calls for name, spy in spies.items()} == through_triton
+        for field in first:
+            assert torch.equal(first[field], second[field]), field
+        for a, b in zip(*decode):
+            assert torch.equal(a, b)
+    finally:
+        for name, launcher in launchers.items():
+            launcher.fn = spies[name].fn
