@@ -34,6 +34,11 @@ def test_head_dim_pad():
         16, 16, 32, 64, 64, 128, 256, 256]
 
 
+def test_cdiv():
+    assert [configs.cdiv(a, 64) for a in (0, 1, 63, 64, 65, 1000)] == [0, 1, 1, 1, 2, 16]
+    assert [configs.cdiv(a, 16) for a in (0, 1, 16, 17, 4096)] == [0, 1, 1, 2, 256]
+
+
 def test_seqlen_bucket():
     cases = {(1, 1): 1, (1000, 17): 10, (17, 1024): 11, (16384, 1): 15, (131072, 5): 15}
     assert {k: configs.seqlen_bucket(*k) for k in cases} == cases

@@ -483,14 +483,14 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     lse_strides = (opts.strides(lse)[0], lse.stride(1))
 
     # Delta is per row: the tensors' own shape (with varlen, all packed rows as one sequence)
-    grid = (triton.cdiv(q.shape[1], configs.PREPROCESS_BLOCK_M), nheads, q.shape[0])
+    grid = (configs.cdiv(q.shape[1], configs.PREPROCESS_BLOCK_M), nheads, q.shape[0])
     _preprocess[grid](
         out, do, delta, *out.stride(), *do.stride(), lse.stride(0), lse.stride(1),
         q.shape[1], BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
     )
     kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
                                               per_kernel["DOT_PRECISION"])
-    kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
+    kernel[lambda meta: (configs.cdiv(seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
         q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data, cu_q, cu_k,
         *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
         *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
@@ -498,7 +498,7 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     )
     kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
                                             per_kernel["DOT_PRECISION"])
-    kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), nheads, batch)](
+    kernel[lambda meta: (configs.cdiv(seqlen_q, meta["BLOCK_M"]), nheads, batch)](
         q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data, cu_q, cu_k,
         *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
         *opts.strides(dq), *lse_strides, stride_ab, *kv_list_strides, *scalars, **per_kernel,

@@ -63,6 +63,12 @@ def head_dim_pad(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ in plain Python, for grids: triton.cdiv is a jit-capable function whose host call
+    costs µs, and every launch asks it."""
+    return -(-a // b)
+
+
 def seqlen_bucket(seqlen_q: int, seqlen_k: int) -> int:
     """Autotuning key for the sequence length: log2 of the longer one, capped at 16k."""
     return min(max(seqlen_q, seqlen_k, 1), 16384).bit_length()

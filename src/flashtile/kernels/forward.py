@@ -331,7 +331,7 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
                                               configs.dot_precision(q.dtype))
 
     def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), programs, batch * num_splits)
+        return (configs.cdiv(rows, meta["BLOCK_M"]), programs, batch * num_splits)
 
     kernel[grid](
         q, k, v, out_k, lse_k, alibi, kv_lists, mask_data, cu_q, cu_k, seqlens_k, batch_idx,
@@ -402,5 +402,5 @@ def combine_splits(out_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.
         out_part, lse_part, out, lse, *out_part.stride(), *lse_part.stride(), *out.stride(),
         nheads, seqlen_q, splits, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=configs.head_dim_pad(head_dim),
-        SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+        SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()))
     return out, lse
