@@ -243,3 +243,24 @@ def test_varlen_forward_backward_in_a_graph(dev):
     torch.cuda.synchronize()
     for a, b in zip(static, eager):
         assert torch.equal(a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("overlap", [False, True], ids=["one_stream", "dq_on_second_stream"])
+def test_dq_stream_changes_no_bit(overlap, dev, monkeypatch):
+    """configs.features["overlap_dq"] runs dQ beside dK/dV on a second stream: the same kernels
+    on the same inputs, so the gradients equal those of one stream bit for bit, and a caller's
+    later work on its own stream sees them finished."""
+    from flashtile.kernels import configs
+
+    q, k, v = (torch.randn(2, 777, 4, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    dout = torch.randn_like(q)
+    grads = {}
+    for on in (not overlap, overlap):
+        monkeypatch.setitem(configs.features, "overlap_dq", on)
+        out = flashtile.flash_attn_func(q, k, v, causal=True)
+        # the caller's stream reads dq at once: it must wait for the side stream
+        grads[on] = [g.clone() for g in torch.autograd.grad(out, (q, k, v), dout)]
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)

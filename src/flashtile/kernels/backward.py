@@ -21,6 +21,8 @@ Grids: preprocess and dq (cdiv(seqlen_q, BLOCK_M), nheads, batch);
        dkdv (cdiv(seqlen_k, BLOCK_N), nheads_k, batch).
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -457,6 +459,15 @@ _attn_bwd_dkdv_tunable = configs.Tunable("bwd_dkdv", _attn_bwd_dkdv)
 _attn_bwd_dq_tunable = configs.Tunable("bwd_dq", _attn_bwd_dq)
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
 def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     """Launch the backward: Delta, then dK and dV, then dQ. Layouts as attention_forward.
 
@@ -488,6 +499,13 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
         out, do, delta, *out.stride(), *do.stride(), lse.stride(0), lse.stride(1),
         q.shape[1], BLOCK_M=configs.PREPROCESS_BLOCK_M, **common,
     )
+    # dK/dV and dQ depend only on what came before (Delta included), not on each other: with
+    # `overlap_dq` dQ runs on a second stream, so that its programs fill the SMs that dK/dV's
+    # last wave leaves idle, and the caller's stream waits for both
+    side = _side_stream(q.device) if configs.features["overlap_dq"] and q.is_cuda else None
+    if side is not None:
+        main = torch.cuda.current_stream(q.device)
+        side.wait_stream(main)
     kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
                                               per_kernel["DOT_PRECISION"])
     kernel[lambda meta: (configs.cdiv(seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
@@ -498,10 +516,13 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     )
     kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
                                             per_kernel["DOT_PRECISION"])
-    kernel[lambda meta: (configs.cdiv(seqlen_q, meta["BLOCK_M"]), nheads, batch)](
-        q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data, cu_q, cu_k,
-        *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
-        *opts.strides(dq), *lse_strides, stride_ab, *kv_list_strides, *scalars, **per_kernel,
-        **launch,
-    )
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        kernel[lambda meta: (configs.cdiv(seqlen_q, meta["BLOCK_M"]), nheads, batch)](
+            q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data, cu_q, cu_k,
+            *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
+            *opts.strides(dq), *lse_strides, stride_ab, *kv_list_strides, *scalars,
+            **per_kernel, **launch,
+        )
+    if side is not None:
+        main.wait_stream(side)
     return dq, dk, dv

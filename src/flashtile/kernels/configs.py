@@ -257,12 +257,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Kernel features that are compile-time flags; tests and tuning sweeps switch them. TMA loads
-# made the forward 9-15% faster on an H100 at head dim 128 and left the backward within noise
-# (-4% to +3%), so the backward keeps plain loads (docs/performance.md, v2). Paged KV caches
-# through TMA (docs/performance.md, v5.5) stay off until they have run on a GPU: their tests
-# switch them on, and the CPU runs them through the interpreter.
-features = {"tma_forward": True, "tma_backward": False, "tma_paged": False}
+# Kernel features that tests and tuning sweeps switch (docs/performance.md):
+# - tma_forward: TMA loads made the forward 9-15% faster on an H100 at head dim 128 (v2);
+# - tma_backward: the backward with TMA moved -4% to +3%, within noise, so it keeps plain loads;
+# - tma_paged: paged KV caches through TMA were slower than the gather path (v5.5);
+# - overlap_dq: dQ on a second stream beside dK/dV, 0-5% faster, most at N = 1k (v5.8).
+features = {"tma_forward": True, "tma_backward": False, "tma_paged": False,
+            "overlap_dq": True}
 
 
 def _tma_allocator(size: int, alignment: int, stream):
