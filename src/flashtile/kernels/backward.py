@@ -176,6 +176,7 @@ def _attn_bwd_dkdv(
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Causal: key block 0 is seen by the most query rows, so the natural order is heaviest-first.
+    SPARSE: tl.constexpr = MASK_MOD is not None  # visit a mask's block lists
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -213,68 +214,39 @@ def _attn_bwd_dkdv(
             slope2 = tl.load(Alibi + off_b * stride_ab + off_h) * LOG2E
         rng_base = (off_b * nheads + off_h) * rng_seqlens
         if MASK_MOD is not None:
-            # -- a mask predicate: the query blocks its block map lists, full then partial --
+            # -- a mask predicate: the query blocks its block map lists, full ones (unmasked),
+            # then partial ones (masked) --
             FullList = (QLists + off_b * stride_mapb + off_h * stride_maph
                         + (start_n // MAP_BLOCK_N) * stride_mapr)
-            PartList = FullList + stride_mapk
-            n_full = list_length(FullList, BLOCK_M, MAP_BLOCK_M)
-            n_part = list_length(PartList, BLOCK_M, MAP_BLOCK_M)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
-                stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_n, offs_d, 0, n_full, FullList, off_b, off_h, MaskData, mask_data_stride,
-                seqlen_q, seqlen_k,
-                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-                slope2, dropout_p, dropout_scale, seed, rng_base,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, True, 1, False, DOT_PRECISION,
-                USE_TMA)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
-                stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_n, offs_d, 0, n_part, PartList, off_b, off_h, MaskData, mask_data_stride,
-                seqlen_q, seqlen_k,
-                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-                slope2, dropout_p, dropout_scale, seed, rng_base,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, True, 1, True, DOT_PRECISION,
-                USE_TMA)
+            lists = (FullList, FullList + stride_mapk)
         else:
             # -- query blocks: masked [a, b), unmasked [b, c), masked [c, hi) --
-            a, b, c, hi = block_ranges(start_n, start_n + BLOCK_N - 1, rows_visited,
-                                       -diag_offset, window_right, window_left, BLOCK_M,
-                                       LOCAL_RIGHT, LOCAL_LEFT)
-            if LOCAL_RIGHT:  # the causal diagonal / right edge: none without one
+            bounds = block_ranges(start_n, start_n + BLOCK_N - 1, rows_visited, -diag_offset,
+                                  window_right, window_left, BLOCK_M, LOCAL_RIGHT, LOCAL_LEFT)
+        # -- one call site, unrolled at compile time over the ranges: the two lists, or the
+        # three dense ranges (the first only with a right edge, causal's diagonal) --
+        for r in tl.static_range(2 if SPARSE else 3):
+            if SPARSE or r > 0 or LOCAL_RIGHT:
+                if SPARSE:  # all of a list's blocks; the partial ones masked
+                    List = lists[r]
+                    lo = 0
+                    hi = list_length(List, BLOCK_M, MAP_BLOCK_M)
+                    MASKED = r == 1
+                else:  # positions lo, lo + BLOCK_M, ... < hi; masked but the middle range
+                    List = QLists
+                    lo = bounds[r]
+                    hi = bounds[r + 1]
+                    MASKED = r != 1
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
                     stride_qm, stride_qd, stride_dom, stride_dod,
-                    offs_n, offs_d, a, b, QLists, off_b, off_h, MaskData, mask_data_stride,
+                    offs_n, offs_d, lo, hi, List, off_b, off_h, MaskData, mask_data_stride,
                     seqlen_q, seqlen_k,
                     diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
                     slope2, dropout_p, dropout_scale, seed, rng_base,
                     HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                    DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, BLOCK_M, True, DOT_PRECISION,
-                    USE_TMA)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
-                stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_n, offs_d, b, c, QLists, off_b, off_h, MaskData, mask_data_stride,
-                seqlen_q, seqlen_k,
-                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-                slope2, dropout_p, dropout_scale, seed, rng_base,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, BLOCK_M, False, DOT_PRECISION,
-                USE_TMA)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
-                stride_qm, stride_qd, stride_dom, stride_dod,
-                offs_n, offs_d, c, hi, QLists, off_b, off_h, MaskData, mask_data_stride,
-                seqlen_q, seqlen_k,
-                diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-                slope2, dropout_p, dropout_scale, seed, rng_base,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, False, BLOCK_M, True, DOT_PRECISION,
-                USE_TMA)
+                    DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, SPARSE,
+                    1 if SPARSE else BLOCK_M, MASKED, DOT_PRECISION, USE_TMA)
 
     dk = dk * softmax_scale
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -359,6 +331,7 @@ def _attn_bwd_dq(
     MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    SPARSE: tl.constexpr = MASK_MOD is not None  # visit a mask's block lists
     start_m = query_block_start(BLOCK_M, LOCAL_RIGHT)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -393,59 +366,39 @@ def _attn_bwd_dq(
     V_src = row_source(V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
                        seqlen_k, stride_vn, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, USE_TMA)
     if MASK_MOD is not None:
-        # -- a mask predicate: the key blocks its block map lists, full then partial --
+        # -- a mask predicate: the key blocks its block map lists, full ones (unmasked), then
+        # partial ones (masked) --
         FullList = (KvLists + off_b * stride_mapb + off_h * stride_maph
                     + (start_m // MAP_BLOCK_M) * stride_mapr)
-        PartList = FullList + stride_mapk
-        n_full = list_length(FullList, BLOCK_N, MAP_BLOCK_N)
-        n_part = list_length(PartList, BLOCK_N, MAP_BLOCK_N)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, 0, n_full, FullList, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
-            dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
-            MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, False, DOT_PRECISION, USE_TMA)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, 0, n_part, PartList, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
-            dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
-            MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, True, DOT_PRECISION, USE_TMA)
+        lists = (FullList, FullList + stride_mapk)
     else:
         # -- key blocks as in the forward: masked [a, b), unmasked [b, c), masked [c, hi) --
-        a, b, c, hi = block_ranges(start_m, start_m + BLOCK_M - 1, keys_visited,
-                                   diag_offset, window_left, window_right, BLOCK_N, LOCAL_LEFT,
-                                   LOCAL_RIGHT)
-        if LOCAL_LEFT:  # the window's left edge: no such range without one
+        bounds = block_ranges(start_m, start_m + BLOCK_M - 1, keys_visited, diag_offset,
+                              window_left, window_right, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
+    # -- one call site, unrolled at compile time over the ranges: the two lists, or the three
+    # dense ranges (the first only with a window's left edge) --
+    for r in tl.static_range(2 if SPARSE else 3):
+        if SPARSE or r > 0 or LOCAL_LEFT:
+            if SPARSE:  # all of a list's blocks; the partial ones masked
+                List = lists[r]
+                lo = 0
+                hi = list_length(List, BLOCK_N, MAP_BLOCK_N)
+                MASKED = r == 1
+            else:  # positions lo, lo + BLOCK_N, ... < hi; masked but the middle range
+                List = KvLists
+                lo = bounds[r]
+                hi = bounds[r + 1]
+                MASKED = r != 1
             dq = _attn_bwd_dq_inner(
-                dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-                offs_m, offs_d, a, b, KvLists, off_b, off_h, MaskData, mask_data_stride,
+                dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn,
+                stride_vd,
+                offs_m, offs_d, lo, hi, List, off_b, off_h, MaskData, mask_data_stride,
                 seqlen_q, seqlen_k,
                 diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT,
-                MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION, USE_TMA)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, b, c, KvLists, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
-            dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
-            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, False, DOT_PRECISION, USE_TMA)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, c, hi, KvLists, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2, slope2,
-            dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI, DROPOUT,
-            MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION, USE_TMA)
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, SPARSE, 1 if SPARSE else BLOCK_N,
+                MASKED, DOT_PRECISION, USE_TMA)
 
     dq = dq * softmax_scale
     dq_ptrs = (dQ + off_b * stride_dqb + off_h * stride_dqh + q_start * stride_dqm

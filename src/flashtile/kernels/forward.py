@@ -197,32 +197,11 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     if MASK_MOD is not None:
-        # -- a mask predicate: the key blocks its block map lists, full ones then partial --
+        # -- a mask predicate: the key blocks its block map lists, full ones (unmasked), then
+        # partial ones (masked) --
         FullList = (KvLists + off_b * stride_mapb + off_h * stride_maph
                     + (start_m // MAP_BLOCK_M) * stride_mapr)
-        PartList = FullList + stride_mapk
-        n_full = list_length(FullList, BLOCK_N, MAP_BLOCK_N)
-        n_part = list_length(PartList, BLOCK_N, MAP_BLOCK_N)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
-                stride_vd,
-            offs_m, offs_d, 0, n_full, FullList, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            slope2, dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, False, DOT_PRECISION,
-            KV_TMA, PAGED, PAGE)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
-                stride_vd,
-            offs_m, offs_d, 0, n_part, PartList, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            slope2, dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, True, 1, True, DOT_PRECISION,
-            KV_TMA, PAGED, PAGE)
+        lists = (FullList, FullList + stride_mapk)
     else:
         # -- key blocks: masked [a, b), unmasked [b, c), masked [c, hi); the rest skipped --
         last_m = start_m + BLOCK_M - 1
@@ -240,37 +219,32 @@ def _attn_fwd(
             b = tl.minimum(tl.maximum(b, split_lo), split_hi)
             c = tl.minimum(tl.maximum(c, split_lo), split_hi)
             hi = tl.minimum(tl.maximum(hi, split_lo), split_hi)
-        if LOCAL_LEFT:  # the window's left edge: no such range without one
+        bounds = (a, b, c, hi)
+    # -- one call site, unrolled at compile time over the ranges: the two lists, or the three
+    # dense ranges (the first only with a window's left edge; it is always empty without) --
+    SPARSE: tl.constexpr = MASK_MOD is not None
+    for r in tl.static_range(2 if SPARSE else 3):
+        if SPARSE or r > 0 or LOCAL_LEFT:
+            if SPARSE:  # all of a list's blocks; the partial ones masked
+                List = lists[r]
+                lo = 0
+                hi_r = list_length(List, BLOCK_N, MAP_BLOCK_N)
+                MASKED = r == 1
+            else:  # positions lo, lo + BLOCK_N, ... < hi_r; masked but the middle range
+                List = KvLists
+                lo = bounds[r]
+                hi_r = bounds[r + 1]
+                MASKED = r != 1
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
                 stride_vd,
-                offs_m, offs_d, a, b, KvLists, off_b, off_h, MaskData, mask_data_stride,
+                offs_m, offs_d, lo, hi_r, List, off_b, off_h, MaskData, mask_data_stride,
                 seqlen_q, seqlen_k,
                 diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION,
-                KV_TMA, PAGED, PAGE)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
-                stride_vd,
-            offs_m, offs_d, b, c, KvLists, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            slope2, dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, False, DOT_PRECISION,
-            KV_TMA, PAGED, PAGE)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
-                stride_vd,
-            offs_m, offs_d, c, hi, KvLists, off_b, off_h, MaskData, mask_data_stride,
-            seqlen_q, seqlen_k,
-            diag_offset, window_left, window_right, qk_scale, softcap_scale, softcap_log2,
-            slope2, dropout_p, dropout_scale, seed, rng_base,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
-            DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, False, BLOCK_N, True, DOT_PRECISION,
-            KV_TMA, PAGED, PAGE)
+                DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, SPARSE, 1 if SPARSE else BLOCK_N,
+                MASKED, DOT_PRECISION, KV_TMA, PAGED, PAGE)
 
     # -- epilogue: normalize; a row that saw nothing gives O = 0, LSE = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
