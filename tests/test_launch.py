@@ -1,6 +1,8 @@
 """kernels/launch.py: a remembered launch runs the kernel Triton would have chosen, and a new
 signature (value, dtype, alignment, keyword) goes through Triton again."""
 
+import contextlib
+
 import pytest
 import torch
 import triton
@@ -147,3 +149,30 @@ def test_attention_again_takes_the_remembered_launches_and_agrees():
     finally:
         for name, launcher in launchers.items():
             launcher.fn = spies[name].fn
+
+
+def test_on_device_leaves_cpu_tensors_and_the_current_device_alone():
+    from flashtile.kernels.launch import on_device
+
+    assert isinstance(on_device(torch.device("cpu")), contextlib.nullcontext)
+    if torch.cuda.is_available():
+        here = torch.device("cuda", torch.cuda.current_device())
+        assert isinstance(on_device(here), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    """A model split across GPUs in one process calls attention on a GPU that is not the
+    current device: the launches follow the tensors (as FlashAttention's device guard does),
+    and give what the same call gives with that GPU current."""
+    from flashtile.testing import random_qkv, run_flashtile
+
+    q, k, v = random_qkv(2, 300, 300, 4, 64, torch.bfloat16, "cuda:1")
+    dout = torch.randn_like(q)
+    with torch.cuda.device(0):
+        elsewhere = run_flashtile(q, k, v, dout, causal=True)
+    with torch.cuda.device(1):
+        here = run_flashtile(q, k, v, dout, causal=True)
+    for field in here:
+        assert elsewhere[field].device == q.device
+        assert torch.equal(elsewhere[field], here[field]), field

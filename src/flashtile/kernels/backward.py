@@ -43,7 +43,7 @@ from flashtile.kernels.common import (
     seq_bounds,
     visible,
 )
-from flashtile.kernels.launch import Launcher
+from flashtile.kernels.launch import Launcher, on_first_tensors_device
 from flashtile.kernels.params import AttnOptions
 
 
@@ -421,8 +421,10 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side_streams[device]
 
 
+@on_first_tensors_device
 def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
-    """Launch the backward: Delta, then dK and dV, then dQ. Layouts as attention_forward.
+    """Launch the backward: Delta, then dK and dV beside dQ (on a second stream with
+    `overlap_dq`). Layouts as attention_forward.
 
     Returns dq, dk, dv in the inputs' dtypes and memory layouts (dk, dv with k's heads).
     """

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from flashtile.kernels import configs
 from flashtile.kernels.common import apply_mask_mod, visible
+from flashtile.kernels.launch import on_device
 
 
 @triton.jit
@@ -78,6 +79,11 @@ class BlockLists:
 
 
 def _launch(mask, out, seqlen_q, seqlen_k, opts, block_m, block_n, dense):
+    with on_device(out.device):
+        _launch_here(mask, out, seqlen_q, seqlen_k, opts, block_m, block_n, dense)
+
+
+def _launch_here(mask, out, seqlen_q, seqlen_k, opts, block_m, block_n, dense):
     map_batch, map_heads = out.shape[:2]
     data = mask.data if mask.data is not None else out
     n_blocks_n = triton.cdiv(seqlen_k, block_n)

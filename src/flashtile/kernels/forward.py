@@ -45,7 +45,7 @@ from flashtile.kernels.common import (
     seq_bounds,
     visible,
 )
-from flashtile.kernels.launch import Launcher
+from flashtile.kernels.launch import Launcher, on_first_tensors_device
 from flashtile.kernels.params import AttnOptions
 
 
@@ -266,6 +266,7 @@ _attn_fwd_tunable = configs.Tunable("fwd", _attn_fwd,
                                     extra_key=("KV_CACHE", "PAGED", "PAGE", "SPLIT_KV"))
 
 
+@on_first_tensors_device
 def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
                       out_dtype: torch.dtype | None = None):
     """Launch the forward. q: (B, Nq, H, D), k, v: (B, Nk, H_k, D), H % H_k == 0, any strides.

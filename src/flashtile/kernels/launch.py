@@ -19,6 +19,9 @@ adds one), and the interpreter all take Triton's own path.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from triton import knobs
 from triton.runtime import driver
@@ -85,3 +88,24 @@ def _hooked(hook) -> bool:
     """Whether a launch hook is set: Triton 3.6 keeps them in HookChains, empty by default;
     a plain function or None is also accepted there."""
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def on_device(device: torch.device):
+    """A context in which `device` is the current CUDA device, as FlashAttention's device guard
+    makes it: Triton launches on the current device, and a model split across GPUs in one
+    process (transformers' device_map="auto") calls attention with tensors on another one."""
+    if device.type != "cuda" or device.index is None or (
+            device.index == torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def on_first_tensors_device(fn):
+    """Run a launcher function (its first argument a tensor) with that tensor's device current."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with on_device(args[0].device):
+            return fn(*args, **kwargs)
+
+    return wrapper

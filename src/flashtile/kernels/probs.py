@@ -22,6 +22,7 @@ from flashtile.kernels.common import (
     seq_bounds,
     visible,
 )
+from flashtile.kernels.launch import on_first_tensors_device
 from flashtile.kernels.params import AttnOptions
 
 
@@ -82,6 +83,7 @@ def _attn_probs(
                  mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
 
+@on_first_tensors_device
 def attention_probs(q, k, lse, opts: AttnOptions) -> torch.Tensor:
     """(batch, nheads, seqlen_q, seqlen_k) float32 probabilities of the forward with `lse`;
     with varlen (batch, nheads, max_seqlen_q, max_seqlen_k), zero beyond each sequence."""
