@@ -34,9 +34,9 @@ from flashtile.kernels.common import (
     block_ranges,
     block_start,
     dropout_keep,
-    list_length,
     load_rows,
     load_tile,
+    loop_range,
     query_block_start,
     row_source,
     scores_log2,
@@ -218,25 +218,17 @@ def _attn_bwd_dkdv(
             # then partial ones (masked) --
             FullList = (QLists + off_b * stride_mapb + off_h * stride_maph
                         + (start_n // MAP_BLOCK_N) * stride_mapr)
-            lists = (FullList, FullList + stride_mapk)
+            ranges = (FullList, FullList + stride_mapk)
         else:
             # -- query blocks: masked [a, b), unmasked [b, c), masked [c, hi) --
-            bounds = block_ranges(start_n, start_n + BLOCK_N - 1, rows_visited, -diag_offset,
+            ranges = block_ranges(start_n, start_n + BLOCK_N - 1, rows_visited, -diag_offset,
                                   window_right, window_left, BLOCK_M, LOCAL_RIGHT, LOCAL_LEFT)
         # -- one call site, unrolled at compile time over the ranges: the two lists, or the
         # three dense ranges (the first only with a right edge, causal's diagonal) --
         for r in tl.static_range(2 if SPARSE else 3):
             if SPARSE or r > 0 or LOCAL_RIGHT:
-                if SPARSE:  # all of a list's blocks; the partial ones masked
-                    List = lists[r]
-                    lo = 0
-                    hi = list_length(List, BLOCK_M, MAP_BLOCK_M)
-                    MASKED = r == 1
-                else:  # positions lo, lo + BLOCK_M, ... < hi; masked but the middle range
-                    List = QLists
-                    lo = bounds[r]
-                    hi = bounds[r + 1]
-                    MASKED = r != 1
+                # masked: a list's partial blocks, every dense range but the middle one
+                List, lo, hi = loop_range(ranges, r, QLists, BLOCK_M, MAP_BLOCK_M, SPARSE)
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Q_src, dO_src, LSE_block, Delta_block,
                     stride_qm, stride_qd, stride_dom, stride_dod,
@@ -246,7 +238,8 @@ def _attn_bwd_dkdv(
                     slope2, dropout_p, dropout_scale, seed, rng_base,
                     HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
                     DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, SPARSE,
-                    1 if SPARSE else BLOCK_M, MASKED, DOT_PRECISION, USE_TMA)
+                    1 if SPARSE else BLOCK_M, r == 1 if SPARSE else r != 1, DOT_PRECISION,
+                    USE_TMA)
 
     dk = dk * softmax_scale
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -370,25 +363,17 @@ def _attn_bwd_dq(
         # partial ones (masked) --
         FullList = (KvLists + off_b * stride_mapb + off_h * stride_maph
                     + (start_m // MAP_BLOCK_M) * stride_mapr)
-        lists = (FullList, FullList + stride_mapk)
+        ranges = (FullList, FullList + stride_mapk)
     else:
         # -- key blocks as in the forward: masked [a, b), unmasked [b, c), masked [c, hi) --
-        bounds = block_ranges(start_m, start_m + BLOCK_M - 1, keys_visited, diag_offset,
+        ranges = block_ranges(start_m, start_m + BLOCK_M - 1, keys_visited, diag_offset,
                               window_left, window_right, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
     # -- one call site, unrolled at compile time over the ranges: the two lists, or the three
     # dense ranges (the first only with a window's left edge) --
     for r in tl.static_range(2 if SPARSE else 3):
         if SPARSE or r > 0 or LOCAL_LEFT:
-            if SPARSE:  # all of a list's blocks; the partial ones masked
-                List = lists[r]
-                lo = 0
-                hi = list_length(List, BLOCK_N, MAP_BLOCK_N)
-                MASKED = r == 1
-            else:  # positions lo, lo + BLOCK_N, ... < hi; masked but the middle range
-                List = KvLists
-                lo = bounds[r]
-                hi = bounds[r + 1]
-                MASKED = r != 1
+            # masked: a list's partial blocks, every dense range but the middle one
+            List, lo, hi = loop_range(ranges, r, KvLists, BLOCK_N, MAP_BLOCK_N, SPARSE)
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, K_src, V_src, stride_kn, stride_kd, stride_vn,
                 stride_vd,
@@ -398,7 +383,7 @@ def _attn_bwd_dq(
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
                 DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, SPARSE, 1 if SPARSE else BLOCK_N,
-                MASKED, DOT_PRECISION, USE_TMA)
+                r == 1 if SPARSE else r != 1, DOT_PRECISION, USE_TMA)
 
     dq = dq * softmax_scale
     dq_ptrs = (dQ + off_b * stride_dqb + off_h * stride_dqh + q_start * stride_dqm

@@ -191,6 +191,19 @@ def list_length(List, BLOCK: tl.constexpr, MAP_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def loop_range(ranges, r: tl.constexpr, Lists, BLOCK: tl.constexpr, MAP_BLOCK: tl.constexpr,
+               SPARSE: tl.constexpr):
+    """(List, lo, hi) of range r of a kernel's block loop. With SPARSE, `ranges` are a mask's two
+    block lists (full, partial) and range r is all of list r; otherwise `ranges` are
+    block_ranges' bounds (a, b, c, hi) and range r is positions ranges[r] .. ranges[r + 1],
+    with `Lists` passed through unread."""
+    if SPARSE:
+        return ranges[r], 0, list_length(ranges[r], BLOCK, MAP_BLOCK)
+    else:
+        return Lists, ranges[r], ranges[r + 1]
+
+
+@triton.jit
 def seq_bounds(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN: tl.constexpr):
     """Where batch entry off_b's rows start in the packed tensors and how long its sequences
     are. With VARLEN, from the cumulative lengths (int32, batch + 1 entries), and the diagonal

@@ -36,9 +36,9 @@ from flashtile.kernels.common import (
     block_ranges,
     block_start,
     dropout_keep,
-    list_length,
     load_kv,
     load_tile,
+    loop_range,
     query_block_start,
     row_source,
     scores_log2,
@@ -201,7 +201,7 @@ def _attn_fwd(
         # partial ones (masked) --
         FullList = (KvLists + off_b * stride_mapb + off_h * stride_maph
                     + (start_m // MAP_BLOCK_M) * stride_mapr)
-        lists = (FullList, FullList + stride_mapk)
+        ranges = (FullList, FullList + stride_mapk)
     else:
         # -- key blocks: masked [a, b), unmasked [b, c), masked [c, hi); the rest skipped --
         last_m = start_m + BLOCK_M - 1
@@ -219,22 +219,14 @@ def _attn_fwd(
             b = tl.minimum(tl.maximum(b, split_lo), split_hi)
             c = tl.minimum(tl.maximum(c, split_lo), split_hi)
             hi = tl.minimum(tl.maximum(hi, split_lo), split_hi)
-        bounds = (a, b, c, hi)
+        ranges = (a, b, c, hi)
     # -- one call site, unrolled at compile time over the ranges: the two lists, or the three
     # dense ranges (the first only with a window's left edge; it is always empty without) --
     SPARSE: tl.constexpr = MASK_MOD is not None
     for r in tl.static_range(2 if SPARSE else 3):
         if SPARSE or r > 0 or LOCAL_LEFT:
-            if SPARSE:  # all of a list's blocks; the partial ones masked
-                List = lists[r]
-                lo = 0
-                hi_r = list_length(List, BLOCK_N, MAP_BLOCK_N)
-                MASKED = r == 1
-            else:  # positions lo, lo + BLOCK_N, ... < hi_r; masked but the middle range
-                List = KvLists
-                lo = bounds[r]
-                hi_r = bounds[r + 1]
-                MASKED = r != 1
+            # masked: a list's partial blocks, every dense range but the middle one
+            List, lo, hi_r = loop_range(ranges, r, KvLists, BLOCK_N, MAP_BLOCK_N, SPARSE)
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, K_src, V_src, BlockTable_b, stride_kn, stride_kd, stride_vn,
                 stride_vd,
@@ -244,7 +236,7 @@ def _attn_fwd(
                 slope2, dropout_p, dropout_scale, seed, rng_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
                 DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_N, SPARSE, 1 if SPARSE else BLOCK_N,
-                MASKED, DOT_PRECISION, KV_TMA, PAGED, PAGE)
+                r == 1 if SPARSE else r != 1, DOT_PRECISION, KV_TMA, PAGED, PAGE)
 
     # -- epilogue: normalize; a row that saw nothing gives O = 0, LSE = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
