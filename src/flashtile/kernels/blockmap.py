@@ -79,24 +79,20 @@ class BlockLists:
 
 
 def _launch(mask, out, seqlen_q, seqlen_k, opts, block_m, block_n, dense):
-    with on_device(out.device):
-        _launch_here(mask, out, seqlen_q, seqlen_k, opts, block_m, block_n, dense)
-
-
-def _launch_here(mask, out, seqlen_q, seqlen_k, opts, block_m, block_n, dense):
     map_batch, map_heads = out.shape[:2]
     data = mask.data if mask.data is not None else out
-    n_blocks_n = triton.cdiv(seqlen_k, block_n)
-    grid = (triton.cdiv(seqlen_q, block_m) * n_blocks_n, map_heads, map_batch)
+    n_blocks_n = configs.cdiv(seqlen_k, block_n)
+    grid = (configs.cdiv(seqlen_q, block_m) * n_blocks_n, map_heads, map_batch)
     flags = opts.flags()
-    _block_map[grid](
-        out, data, out.stride(0), out.stride(1), out.stride(2), n_blocks_n,
-        seqlen_q, seqlen_k, opts.diag_offset, max(opts.window_left, 0),
-        max(opts.window_right, 0), mask.data_stride,
-        MAP_BLOCK_M=block_m, MAP_BLOCK_N=block_n, LOCAL_LEFT=flags["LOCAL_LEFT"],
-        LOCAL_RIGHT=flags["LOCAL_RIGHT"], MASK_MOD=mask.fn, MASK_DATA=mask.data is not None,
-        DENSE=dense,
-    )
+    with on_device(out.device):
+        _block_map[grid](
+            out, data, out.stride(0), out.stride(1), out.stride(2), n_blocks_n,
+            seqlen_q, seqlen_k, opts.diag_offset, max(opts.window_left, 0),
+            max(opts.window_right, 0), mask.data_stride,
+            MAP_BLOCK_M=block_m, MAP_BLOCK_N=block_n, LOCAL_LEFT=flags["LOCAL_LEFT"],
+            LOCAL_RIGHT=flags["LOCAL_RIGHT"], MASK_MOD=mask.fn,
+            MASK_DATA=mask.data is not None, DENSE=dense,
+        )
 
 
 def _lists(state: torch.Tensor) -> torch.Tensor:
@@ -130,8 +126,8 @@ def block_lists(mask, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, opt
     key = (map_batch, map_heads, seqlen_q, seqlen_k, opts.diag_offset, opts.window_left,
            opts.window_right, size, str(device))
     if key not in mask._maps:
-        state = torch.empty(map_batch, map_heads, triton.cdiv(seqlen_q, size),
-                            triton.cdiv(seqlen_k, size), dtype=torch.int8, device=device)
+        state = torch.empty(map_batch, map_heads, configs.cdiv(seqlen_q, size),
+                            configs.cdiv(seqlen_k, size), dtype=torch.int8, device=device)
         _launch(mask, state, seqlen_q, seqlen_k, opts, size, size, dense=False)
         mask._maps[key] = BlockLists(kv=_lists(state), q=_lists(state.transpose(-1, -2)),
                                      map_block=size)

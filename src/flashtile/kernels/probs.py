@@ -102,7 +102,7 @@ def attention_probs(q, k, lse, opts: AttnOptions) -> torch.Tensor:
     else:  # a plain loop, no tuning: tiles that fit shared memory at every head dim
         block_m, block_n = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 64),
                             256: (64, 32)}.get(head_dim_pad, (32, 16))
-    grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)
+    grid = (configs.cdiv(seqlen_q, block_m), nheads, batch)
     _attn_probs[grid](
         q, k, lse, probs, alibi, mask_data, cu_q, cu_k, *opts.strides(q), *opts.strides(k),
         opts.strides(lse)[0], lse.stride(1), *probs.stride()[:3], stride_ab, mask_data_stride,
