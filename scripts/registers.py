@@ -15,7 +15,6 @@ The figures are the Triton version's that runs the script: compare with the GPU'
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import re
 import subprocess
@@ -25,30 +24,12 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "0"  # the kernels must be JITFunctions, not interpreted
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from flashtile.kernels import backward, compile_check, configs, forward  # noqa: E402
 
 KERNELS = {"fwd": forward._attn_fwd, "dkdv": backward._attn_bwd_dkdv,
            "dq": backward._attn_bwd_dq}
 TUNING_NAMES = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq"}
-
-
-def compile_config(fn, flags: dict, num_warps: int, num_stages: int, dtype: str = "bf16"):
-    """triton.compile for sm_90a with a GPU launch's specializations."""
-    names = list(inspect.signature(fn.fn).parameters)
-    constexprs = {k: v for k, v in {**compile_check.BASE, **flags}.items() if k in names}
-    for name in names:  # unit strides along the head dim: Triton makes an int 1 a constexpr
-        if name.startswith("stride_") and name.endswith("d"):
-            constexprs[name] = 1
-    signature = compile_check._signature(fn, constexprs, dtype)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-             if signature[name].startswith("*")
-             or (signature[name] == "i32" and name.startswith(("stride", "seqlen")))}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def ptxas_report(compiled) -> dict[str, int]:
@@ -94,7 +75,10 @@ def main(argv: list[str]) -> int:
             flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=args.head_dim,
                          HEAD_DIM_PAD=pad, LOCAL_RIGHT=args.causal, USE_TMA=args.tma,
                          WRITE_DK=args.dkdv_pass != "dv", WRITE_DV=args.dkdv_pass != "dk")
-            report = ptxas_report(compile_config(KERNELS[kernel], flags, warps, stages))
+            compiled = compile_check.compile_kernel(KERNELS[kernel],
+                                                    {**compile_check.BASE, **flags}, warps,
+                                                    stages, "bf16", as_launched=True)
+            report = ptxas_report(compiled)
             print(f"{kernel:6} {f'{block_m} x {block_n}':>17} {warps:>5} {stages:>6} "
                   f"{report['registers']:>5} "
                   f"{report['spill_stores']:>7}/{report['spill_loads']:<7} "

@@ -79,6 +79,27 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict:
     return sig
 
 
+def compile_kernel(fn, flags: dict, num_warps: int, num_stages: int, dtype: str,
+                   as_launched: bool = False):
+    """triton.compile one kernel for sm_90 with those of `flags` that are its constexprs.
+    as_launched: with the specializations a GPU launch makes on typical inputs (the head dim's
+    unit strides as constexpr 1; pointers, strides and lengths divisible by 16), as
+    scripts/registers.py wants for register counts; otherwise every integer stays generic."""
+    names = list(inspect.signature(fn.fn).parameters)
+    constexprs = {k: v for k, v in flags.items() if k in names}
+    attrs = {}
+    if as_launched:
+        constexprs.update({n: 1 for n in names if n.startswith("stride_") and n.endswith("d")})
+    signature = _signature(fn, constexprs, dtype)
+    if as_launched:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if signature[n].startswith("*")
+                 or (signature[n] == "i32" and n.startswith(("stride", "seqlen")))}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
 def compile_variant(name: str) -> list[str]:
     """Compile every attention kernel for one variant; returns the kernels compiled."""
     flags, (block_m, block_n), warps, stages, dtype = VARIANTS[name]
@@ -86,29 +107,14 @@ def compile_variant(name: str) -> list[str]:
     done = []
     for fn in (forward._attn_fwd, backward._attn_bwd_dkdv, backward._attn_bwd_dq,
                probs._attn_probs):
-        params = set(inspect.signature(fn.fn).parameters)
-        constexprs = {k: v for k, v in flags.items() if k in params}
-        source = ASTSource(fn=fn, signature=_signature(fn, constexprs, dtype),
-                           constexprs=constexprs)
-        triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
+        compile_kernel(fn, flags, warps, stages, dtype)
         done.append(fn.__name__)
     if flags["SPLIT_KV"]:
-        constexprs = {"HEAD_DIM": flags["HEAD_DIM"], "HEAD_DIM_PAD": flags["HEAD_DIM_PAD"],
-                      "SPLITS_PAD": 16}
-        source = ASTSource(fn=forward._combine_splits,
-                           signature=_signature(forward._combine_splits, constexprs, dtype),
-                           constexprs=constexprs)
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        compile_kernel(forward._combine_splits, {**flags, "SPLITS_PAD": 16}, 4, 3, dtype)
         done.append("_combine_splits")
     if flags["MASK_MOD"] is not None:
-        params = set(inspect.signature(blockmap._block_map.fn).parameters)
-        constexprs = {"MAP_BLOCK_M": 32, "MAP_BLOCK_N": 32, "DENSE": False,
-                      **{k: v for k, v in flags.items() if k in params and "MAP" not in k}}
-        source = ASTSource(fn=blockmap._block_map,
-                           signature=_signature(blockmap._block_map, constexprs, dtype),
-                           constexprs=constexprs)
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        compile_kernel(blockmap._block_map, {**flags, "MAP_BLOCK_M": 32, "MAP_BLOCK_N": 32,
+                                             "DENSE": False}, 4, 3, dtype)
         done.append("_block_map")
     return done
 
