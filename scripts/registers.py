@@ -7,7 +7,7 @@ thread, spill bytes and shared memory. A kernel at 255 registers that spills kee
 tiles in local memory inside the inner loop (docs/performance.md, "What limits the backward").
 
     TRITON_INTERPRET=0 python scripts/registers.py [--kernels dkdv,dq,fwd] [--head-dim 128]
-        [--causal] [--tma] [--dkdv-pass both|dv|dk]
+        [--causal] [--tma]
 
 The figures are the Triton version's that runs the script: compare with the GPU's (3.6.0).
 """
@@ -60,12 +60,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--tma", action="store_true", help="key/query blocks through TMA")
-    parser.add_argument("--dkdv-pass", choices=("both", "dv", "dk"), default="both",
-                        help="the dK/dV kernel's accumulators: both (one pass), or one of the "
-                        "two passes of configs.features['split_dkdv']")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90a, bf16, head dim {args.head_dim}, "
-          f"causal={args.causal}, TMA={args.tma}, dK/dV pass {args.dkdv_pass}")
+          f"causal={args.causal}, TMA={args.tma}")
     print(f"{'kernel':6} {'BLOCK_M x BLOCK_N':>17} {'warps':>5} {'stages':>6} {'regs':>5} "
           f"{'spill st/ld (B)':>15} {'smem (KiB)':>10}")
     pad = configs.head_dim_pad(args.head_dim)
@@ -73,8 +70,7 @@ def main(argv: list[str]) -> int:
         for block_m, block_n, warps, stages in configs.candidates(TUNING_NAMES[kernel], pad,
                                                                   "tf32"):
             flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=args.head_dim,
-                         HEAD_DIM_PAD=pad, LOCAL_RIGHT=args.causal, USE_TMA=args.tma,
-                         WRITE_DK=args.dkdv_pass != "dv", WRITE_DV=args.dkdv_pass != "dk")
+                         HEAD_DIM_PAD=pad, LOCAL_RIGHT=args.causal, USE_TMA=args.tma)
             compiled = compile_check.compile_kernel(KERNELS[kernel],
                                                     {**compile_check.BASE, **flags}, warps,
                                                     stages, "bf16", as_launched=True)

@@ -1,5 +1,5 @@
-"""Compare kernel variants in one run, beside cuDNN: feature flags (TMA loads per pass, dK/dV in
-one pass or two) and the keyword arguments of flash_attn_func.
+"""Compare kernel variants in one run, beside cuDNN: feature flags (TMA loads per pass) and the
+keyword arguments of flash_attn_func.
 
 Usage: python scripts/variants.py
 For each shape: forward and backward TFLOP/s of flashtile under each variant, cuDNN's in the same
@@ -17,11 +17,10 @@ import flashtile
 from flashtile.kernels import configs
 
 # name: (configs.features, flash_attn_func keyword arguments)
-DEFAULT = dict(tma_forward=True, tma_backward=False, split_dkdv=False)
-VARIANTS = {"ptr": (dict(tma_forward=False, tma_backward=False, split_dkdv=False), {}),
+DEFAULT = dict(tma_forward=True, tma_backward=False)
+VARIANTS = {"ptr": (dict(tma_forward=False, tma_backward=False), {}),
             "tma fwd": (DEFAULT, {}),
-            "tma both": (dict(tma_forward=True, tma_backward=True, split_dkdv=False), {}),
-            "split dkdv": (dict(tma_forward=True, tma_backward=False, split_dkdv=True), {})}
+            "tma both": (dict(tma_forward=True, tma_backward=True), {})}
 SHAPES = [(128, 0, 4096), (128, 1, 4096), (128, 0, 16384), (128, 1, 16384), (64, 0, 4096),
           (64, 1, 16384)]
 if len(sys.argv) > 1:  # D,causal,N ...

@@ -15,9 +15,7 @@ Two passes, each the sole writer of its output: one program per key block and ke
 accumulates dK, dV over the query blocks that see it, for every query head of its group
 (grouped-query attention sums the group's gradients in registers); one program per query block
 accumulates dQ over the key blocks it sees. No atomics, so repeated runs are bitwise equal; the
-price is recomputing q kᵀ and dO vᵀ once more (7 block matmuls instead of 5). With
-configs.features["split_dkdv"] the dK/dV pass runs twice, once per accumulator (WRITE_DV, then
-WRITE_DK): q kᵀ a third time (8 block matmuls), in exchange for half the accumulator registers.
+price is recomputing q kᵀ and dO vᵀ once more (7 block matmuls instead of 5).
 
 Grids: preprocess and dq (cdiv(seqlen_q, BLOCK_M), nheads, batch);
        dkdv (cdiv(seqlen_k, BLOCK_N), nheads_k, batch).
@@ -102,12 +100,10 @@ def _attn_bwd_dkdv_inner(
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr, MAP_BLOCK_M: tl.constexpr,
     SPARSE: tl.constexpr, STEP: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WRITE_DK: tl.constexpr, WRITE_DV: tl.constexpr,
 ):
     """Query blocks starting at block_lo, block_lo + STEP, ... < block_hi (dense: positions,
     STEP = BLOCK_M), or with SPARSE (STEP = 1) those of a mask's block list `List`; MASKED
-    applies the visibility mask (and the mask predicate). WRITE_DK / WRITE_DV: which of the
-    two products this pass accumulates (both, or one in each of two passes)."""
+    applies the visibility mask (and the mask predicate)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for j in tl.range(block_lo, block_hi, STEP):
         start_m = block_start(j, List, BLOCK_M, MAP_BLOCK_M, SPARSE)
@@ -119,11 +115,10 @@ def _attn_bwd_dkdv_inner(
         do = load_rows(dO_src, start_m, offs_m, offs_d, stride_dom, stride_dod, seqlen_q,
                        HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)
         lse2 = _load_lse2(LSE_block, offs_m, seqlen_q, MASKED)
-        if WRITE_DK:
-            if MASKED:
-                delta = tl.load(Delta_block + offs_m, mask=offs_m < seqlen_q, other=0.0)
-            else:
-                delta = tl.load(Delta_block + offs_m)
+        if MASKED:
+            delta = tl.load(Delta_block + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            delta = tl.load(Delta_block + offs_m)
         # -- recompute pT = exp2(sT - lse2): (BLOCK_N, BLOCK_M) --
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
         sT, dscaleT = scores_log2(qkT, offs_m[None, :], offs_n[:, None], diag_offset, qk_scale,
@@ -137,27 +132,23 @@ def _attn_bwd_dkdv_inner(
                                       seqlen_q, seqlen_k, MaskData, mask_data_stride, MASK_MOD,
                                       MASK_DATA)
             pT = tl.where(keep, pT, 0.0)
-        if WRITE_DK:
-            # -- dpT = (dO Vᵀ)ᵀ --
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        # -- dpT = (dO Vᵀ)ᵀ --
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             zT = dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], seqlen_k,
                               dropout_p)
             # -- dV += (p ∘ z / (1 - dropout_p))ᵀ dO; dP = dP_drop ∘ z / (1 - dropout_p) --
-            if WRITE_DV:
-                dv = tl.dot(tl.where(zT, pT * dropout_scale, 0.0).to(do.dtype), do, dv,
-                            input_precision=DOT_PRECISION)
-            if WRITE_DK:
-                dpT = tl.where(zT, dpT * dropout_scale, 0.0)
-        elif WRITE_DV:
+            dv = tl.dot(tl.where(zT, pT * dropout_scale, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+            dpT = tl.where(zT, dpT * dropout_scale, 0.0)
+        else:
             # -- dV += pᵀ dO --
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        if WRITE_DK:
-            # -- dsT = pT ∘ (dpT − Delta) ∘ softcap'; dK += dsᵀ q --
-            dsT = pT * (dpT - delta[None, :])
-            if SOFTCAP:
-                dsT = dsT * dscaleT
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        # -- dsT = pT ∘ (dpT − Delta) ∘ softcap'; dK += dsᵀ q --
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * dscaleT
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -183,10 +174,8 @@ def _attn_bwd_dkdv(
     MASK_MOD: tl.constexpr, MASK_DATA: tl.constexpr,
     MAP_BLOCK_M: tl.constexpr, MAP_BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WRITE_DK: tl.constexpr, WRITE_DV: tl.constexpr,
 ):
     # Causal: key block 0 is seen by the most query rows, so the natural order is heaviest-first.
-    # WRITE_DK, WRITE_DV: both in one pass, or (configs.features["split_dkdv"]) one per pass.
     SPARSE: tl.constexpr = MASK_MOD is not None  # visit a mask's block lists
     start_n = tl.program_id(0) * BLOCK_N
     off_hk = tl.program_id(1).to(tl.int64)
@@ -250,19 +239,16 @@ def _attn_bwd_dkdv(
                     HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LOCAL_LEFT, LOCAL_RIGHT, SOFTCAP, HAS_ALIBI,
                     DROPOUT, MASK_MOD, MASK_DATA, MAP_BLOCK_M, SPARSE,
                     1 if SPARSE else BLOCK_M, r == 1 if SPARSE else r != 1, DOT_PRECISION,
-                    USE_TMA, WRITE_DK, WRITE_DV)
+                    USE_TMA)
 
-    if WRITE_DK:
-        dk = dk * softmax_scale
+    dk = dk * softmax_scale
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    if WRITE_DK:
-        dk_ptrs = (dK + off_b * stride_dkb + off_hk * stride_dkh + k_start * stride_dkn
-                   + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
-        tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=mask)
-    if WRITE_DV:
-        dv_ptrs = (dV + off_b * stride_dvb + off_hk * stride_dvh + k_start * stride_dvn
-                   + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd)
-        tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=mask)
+    dk_ptrs = (dK + off_b * stride_dkb + off_hk * stride_dkh + k_start * stride_dkn
+               + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
+    tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=mask)
+    dv_ptrs = (dV + off_b * stride_dvb + off_hk * stride_dvh + k_start * stride_dvn
+               + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd)
+    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -407,8 +393,7 @@ def _attn_bwd_dq(
 
 
 _preprocess = Launcher(_attn_bwd_preprocess)
-_attn_bwd_dkdv_tunable = configs.Tunable("bwd_dkdv", _attn_bwd_dkdv,
-                                         extra_key=("WRITE_DK", "WRITE_DV"))
+_attn_bwd_dkdv_tunable = configs.Tunable("bwd_dkdv", _attn_bwd_dkdv)
 _attn_bwd_dq_tunable = configs.Tunable("bwd_dq", _attn_bwd_dq)
 
 
@@ -423,8 +408,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 @on_first_tensors_device
 def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
-    """Launch the backward: Delta, then dK and dV (in one pass, or two with `split_dkdv`)
-    beside dQ (on a second stream with `overlap_dq`). Layouts as attention_forward.
+    """Launch the backward: Delta, then dK and dV beside dQ (on a second stream with
+    `overlap_dq`). Layouts as attention_forward.
 
     Returns dq, dk, dv in the inputs' dtypes and memory layouts (dk, dv with k's heads).
     """
@@ -463,16 +448,12 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
         side.wait_stream(main)
     kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
                                               per_kernel["DOT_PRECISION"])
-    # dK and dV in one pass, or with `split_dkdv` dV then dK, one accumulator each
-    passes = (((False, True), (True, False)) if configs.features["split_dkdv"]
-              else ((True, True),))
-    for write_dk, write_dv in passes:
-        kernel[lambda meta: (configs.cdiv(seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
-            q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data, cu_q, cu_k,
-            *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
-            *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
-            *scalars, **per_kernel, **launch, WRITE_DK=write_dk, WRITE_DV=write_dv,
-        )
+    kernel[lambda meta: (configs.cdiv(seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
+        q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data, cu_q, cu_k,
+        *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
+        *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
+        *scalars, **per_kernel, **launch,
+    )
     kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
                                             per_kernel["DOT_PRECISION"])
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():

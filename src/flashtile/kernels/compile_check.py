@@ -29,8 +29,7 @@ POINTER_TYPES = {"LSE": "*fp32", "Alibi": "*fp32", "Delta": "*fp32", "KvLists": 
 BASE = dict(LOCAL_LEFT=False, LOCAL_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, DROPOUT=False,
             MASK_MOD=None, MASK_DATA=False, MAP_BLOCK_M=16, MAP_BLOCK_N=16, VARLEN=False,
             DOT_PRECISION="tf32", USE_TMA=False, HEAD_DIM=128, HEAD_DIM_PAD=128,
-            KV_CACHE=False, PAGED=False, PAGE=16, SPLIT_KV=False, PACK_GQA=False,
-            WRITE_DK=True, WRITE_DV=True)
+            KV_CACHE=False, PAGED=False, PAGE=16, SPLIT_KV=False, PACK_GQA=False)
 # name: (flags over BASE, kernels' blocks (BLOCK_M, BLOCK_N), num_warps, num_stages, dtype)
 VARIANTS = {
     "plain": ({}, (128, 64), 8, 3, "bf16"),
@@ -53,11 +52,6 @@ VARIANTS = {
                               PAGE=128, USE_TMA=True, LOCAL_RIGHT=True), (16, 64), 4, 3, "bf16"),
     "fp32_d512": (dict(DOT_PRECISION="ieee", HEAD_DIM=320, HEAD_DIM_PAD=512), (16, 16), 4, 1,
                   "fp32"),
-    # the two passes of configs.features["split_dkdv"] (the other kernels ignore the flags)
-    "dv_pass_causal": (dict(LOCAL_RIGHT=True, WRITE_DK=False), (64, 128), 8, 2, "bf16"),
-    "dk_pass_window_softcap_dropout": (dict(LOCAL_LEFT=True, LOCAL_RIGHT=True, SOFTCAP=True,
-                                            DROPOUT=True, WRITE_DV=False), (64, 128), 8, 2,
-                                       "bf16"),
 }
 
 
