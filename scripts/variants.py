@@ -1,12 +1,12 @@
 """Compare kernel variants in one run, beside cuDNN: feature flags (TMA loads per pass) and the
 keyword arguments of flash_attn_func.
 
-Usage: python scripts/variants.py
+Usage: python scripts/variants.py [--variants "ptr,tma fwd"] [D,causal,N ...]
 For each shape: forward and backward TFLOP/s of flashtile under each variant, cuDNN's in the same
 run, then the backward's time split over its kernels (torch profiler), default variant.
 """
 
-import sys
+import argparse
 
 import torch
 import triton
@@ -23,8 +23,14 @@ VARIANTS = {"ptr": (dict(tma_forward=False, tma_backward=False), {}),
             "tma both": (dict(tma_forward=True, tma_backward=True), {})}
 SHAPES = [(128, 0, 4096), (128, 1, 4096), (128, 0, 16384), (128, 1, 16384), (64, 0, 4096),
           (64, 1, 16384)]
-if len(sys.argv) > 1:  # D,causal,N ...
-    SHAPES = [tuple(int(x) for x in s.split(",")) for s in sys.argv[1:]]
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated names from: " + ", ".join(VARIANTS))
+parser.add_argument("shapes", nargs="*", help="D,causal,N (default: six shapes)")
+args = parser.parse_args()
+VARIANTS = {name: VARIANTS[name] for name in args.variants.split(",")}
+if args.shapes:
+    SHAPES = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
 
 
 def bench(fn):
