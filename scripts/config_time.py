@@ -1,13 +1,16 @@
-"""Time the forward (or a backward kernel) with each candidate config forced, against the
-autotuner's choice, in one process. For finding whether a slow shape is the kernel or the
-tuner's pick.
+"""Time the forward, or the whole backward, with each candidate config of one kernel forced,
+against the autotuner's choice, in one process. For finding whether a slow shape is the kernel
+or the tuner's pick, and whether a config outside the candidate list would do better.
 
-Usage: python scripts/config_time.py [--sdpa-layout] [D,causal,N ...]
-       (default: 128,1,1024 64,1,1024; --sdpa-layout: (B, H, N, D) tensors, as bench passes)
-Prints one line per (shape, config): forward ms and TFLOP/s; then the autotuned forward.
+Usage: python scripts/config_time.py [--kernel fwd|bwd_dkdv|bwd_dq] [--sdpa-layout]
+                                     [--extra M,N,warps,stages ...] [D,causal,N ...]
+       (default: fwd at 128,1,1024 64,1,1024; --sdpa-layout: (B, H, N, D) tensors, as bench
+       passes; --extra: configs to time beside the candidates)
+Prints one line per (shape, config): the timed pass's ms and TFLOP/s (backward: 2.5 × the
+forward's FLOPs, dK/dV and dQ together); then the same autotuned.
 """
 
-import sys
+import argparse
 
 import torch
 import triton
@@ -15,28 +18,49 @@ import triton
 import flashtile
 from flashtile.kernels import configs
 
-args = [a for a in sys.argv[1:] if a != "--sdpa-layout"]
-sdpa_layout = "--sdpa-layout" in sys.argv[1:]
-shapes = [tuple(int(x) for x in s.split(",")) for s in args] or [(128, 1, 1024), (64, 1, 1024)]
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--kernel", choices=configs.KERNELS, default="fwd")
+parser.add_argument("--sdpa-layout", action="store_true")
+parser.add_argument("--extra", nargs="*", default=[], help="BLOCK_M,BLOCK_N,warps,stages")
+parser.add_argument("shapes", nargs="*", help="D,causal,N")
+args = parser.parse_args()
+shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shapes]
+          or [(128, 1, 1024), (64, 1, 1024)])
+extra = [tuple(int(x) for x in s.split(",")) for s in args.extra]
 for D, causal, N in shapes:
     B, H = 16384 // N, 2048 // D
-    if sdpa_layout:  # (B, H, N, D) memory seen as (B, N, H, D)
-        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                   for _ in range(3))
+    if args.sdpa_layout:  # (B, H, N, D) memory seen as (B, N, H, D)
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True).transpose(1, 2) for _ in range(3))
     else:
-        q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
-                   for _ in range(3))
+        q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
     flops = 4 * B * H * N * N * D / (2 if causal else 1)
+    if args.kernel == "fwd":
+        def timed(q=q, k=k, v=v, causal=bool(causal)):
+            with torch.no_grad():
+                return flashtile.flash_attn_func(q, k, v, causal=causal)
+    else:
+        flops *= 2.5
+        out = flashtile.flash_attn_func(q, k, v, causal=bool(causal))
+        do = torch.randn_like(out)
 
-    def fwd(q=q, k=k, v=v, causal=bool(causal)):
-        return flashtile.flash_attn_func(q, k, v, causal=causal)
+        def timed(q=q, k=k, v=v, out=out, do=do):
+            return torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
 
-    for cfg in configs.candidates("fwd", configs.head_dim_pad(D), "tf32"):
-        configs.set_override("fwd", configs.KernelConfig(*cfg))
-        ms = triton.testing.do_bench(fwd, warmup=50, rep=200)
-        print(f"D={D} causal={causal} N={N} sdpa_layout={sdpa_layout} fwd {cfg}: {ms:.3f} ms "
+    listed = configs.candidates(args.kernel, configs.head_dim_pad(D), "tf32")
+    for cfg in listed + [c for c in extra if c not in listed]:
+        configs.set_override(args.kernel, configs.KernelConfig(*cfg))
+        try:
+            ms = triton.testing.do_bench(timed, warmup=50, rep=200)
+        except Exception as e:  # a config that does not fit (shared memory, registers)
+            print(f"D={D} causal={causal} N={N} {args.kernel} {cfg}: {type(e).__name__}",
+                  flush=True)
+            continue
+        tag = "" if cfg in listed else " (extra)"
+        print(f"D={D} causal={causal} N={N} {args.kernel} {cfg}{tag}: {ms:.3f} ms "
               f"{flops / ms * 1e-9:.0f} TFLOP/s", flush=True)
-    configs.set_override("fwd", None)
-    ms = triton.testing.do_bench(fwd, warmup=50, rep=200)
-    print(f"D={D} causal={causal} N={N} fwd autotuned: {ms:.3f} ms "
+    configs.set_override(args.kernel, None)
+    ms = triton.testing.do_bench(timed, warmup=50, rep=200)
+    print(f"D={D} causal={causal} N={N} {args.kernel} autotuned: {ms:.3f} ms "
           f"{flops / ms * 1e-9:.0f} TFLOP/s", flush=True)

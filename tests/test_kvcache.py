@@ -165,3 +165,21 @@ def i32(values):
 def test_bad_input_is_named(over, exc, match, dev):
     with pytest.raises(exc, match=match):
         flashtile.flash_attn_with_kvcache(**_args(dev, **over))
+
+
+@pytest.mark.parametrize("programs,longest,sms,splits", [
+    (32, 16384, 132, 8),      # B 8 x 16k, 4 kv heads: 256 programs, not 288 (9 splits)
+    (32, 131072, 132, 8),
+    (4, 16384, 132, 64),      # B 1: the 64-split cap
+    (4, 1024, 132, 4),        # short caches: chunks of at least 256 keys
+    (100, 16384, 132, 2),
+    (131, 16384, 132, 2),
+    (132, 16384, 132, 1),     # enough programs: no split
+    (256, 16384, 132, 1),
+])
+def test_split_count_keeps_every_program_resident(programs, longest, sms, splits):
+    """num_splits=0 chooses at most two programs per SM, so none waits for a second round."""
+    from flashtile.interface import split_count
+
+    assert split_count(programs, longest, sms) == splits
+    assert programs * splits <= max(programs, 2 * sms)

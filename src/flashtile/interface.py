@@ -707,15 +707,23 @@ def _decode_programs(batch: int, nheads: int, nheads_k: int, seqlen_q: int) -> i
 
 
 def _auto_splits(programs: int, longest: int, device: torch.device) -> int:
-    """Split-KV when the (batch, head, query block) programs leave SMs idle: about two programs
-    per SM, chunks of at least 256 keys of the longest possible row (the cache's capacity: no
-    synchronization), at most 64 splits. Never under the interpreter."""
+    """Split-KV when the (batch, head, query block) programs leave SMs idle (`split_count`).
+    Never under the interpreter."""
     if device.type != "cuda" or programs == 0:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return split_count(programs, longest, torch.cuda.get_device_properties(device)
+                       .multi_processor_count)
+
+
+def split_count(programs: int, longest: int, sms: int) -> int:
+    """How many splits of each row's keys: as many as keep every program resident at once,
+    at most two per SM (more, and a partial second round of programs leaves the rest of the
+    GPU idle: B 8 × 16k on the H200 read 76% of the copy bandwidth at 8 splits, 256 programs
+    on 132 SMs, and 71% at 9), in chunks of at least 256 keys of the longest possible row
+    (the cache's capacity: no synchronization), at most 64 splits."""
     if programs >= sms:
         return 1
-    return max(1, min(-(-2 * sms // programs), -(-longest // 256), 64))
+    return max(1, min(2 * sms // programs, -(-longest // 256), 64))
 
 
 _warned: set[str] = set()
