@@ -5,7 +5,12 @@ Times, forward and forward+backward, bf16, 16 heads, D 128 (`flashtile bench --v
      flash_attn_func: the same work, so a gap is the varlen kernel's own cost per step;
   2. the batch packed in its drawn order and sorted longest first: the longest sequences' blocks
      then start first (grid axis 2 is the sequence), so a gap is the schedule's tail;
-  3. the batch as padded dense flash_attn_func, the yardstick of the target.
+  3. the batch as padded dense flash_attn_func, the yardstick of the target;
+  4. the longest sequence followed by empty ones, one per other sequence of the batch: the same
+     work as in 1 with the batch's grid, whose programs past their sequence's end exit at once,
+     so a gap is the cost of those idle programs;
+  5. the batch's tokens as equal sequences of 4,096, varlen and dense: no padding anywhere, so a
+     gap is varlen's own cost at a fixed length.
 Each row reports ms and TFLOP/s over the real (query, key) pairs. With --configs, also the
 forward of the one longest sequence, varlen against dense, with each of the first forward
 candidates forced in both (and the first with TMA off): equal configs, so a gap is the varlen
@@ -97,6 +102,12 @@ def main(argv=None) -> None:
         ("batch, drawn order", packed(lengths, args.causal), lengths),
         ("batch, longest first", packed(sorted(lengths, reverse=True), args.causal), lengths),
         ("batch, padded dense", dense(len(lengths), longest, args.causal), lengths),
+        ("longest + empty ones", packed([longest] + [0] * (len(lengths) - 1), args.causal),
+         [longest]),
+        ("equal 4096s, varlen", packed([4096] * (sum(lengths) // 4096), args.causal),
+         [4096] * (sum(lengths) // 4096)),
+        ("equal 4096s, dense", dense(sum(lengths) // 4096, 4096, args.causal),
+         [4096] * (sum(lengths) // 4096)),
     ]
     print(f"{len(lengths)} sequences of {min(lengths)}-{longest} tokens, {sum(lengths)} in all; "
           f"causal={args.causal}; TFLOP/s over the real pairs (bwd counts 2.5x the fwd)")
