@@ -37,6 +37,8 @@ CASES = [
     ("gqa_window", [20, 70], [70, 20], 4, 1, dict(window_size=(8, 3))),
     ("softcap_alibi", [45, 30], [30, 45], 2, 2, dict(softcap=5.0, alibi=True)),
     ("empty_keys", [10, 12], [0, 12], 2, 2, {}),
+    # keys with no queries: their dk, dv are zeros, written by programs that must not exit
+    ("empty_queries", [0, 12], [10, 12], 2, 2, {}),
 ]
 
 

@@ -186,10 +186,11 @@ def _attn_bwd_dkdv(
     # -- packed variable-length batches: this entry's rows and lengths --
     q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
         CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
-    # a program past its sequence's end visits no query (seqlen_q of 0 for the block ranges)
-    rows_visited = seqlen_q
     if VARLEN:
-        rows_visited = tl.where(start_n < seqlen_k, seqlen_q, 0)
+        # a program past its sequence's end owns no key: it exits at once (with no queries,
+        # seqlen_q = 0, it goes on and writes its keys' zero gradients)
+        if start_n >= seqlen_k:
+            return
 
     k = load_tile(K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn, offs_n,
                   offs_d, stride_kn, stride_kd, seqlen_k, HEAD_DIM, CHECK_ROWS=True,
@@ -221,7 +222,7 @@ def _attn_bwd_dkdv(
             ranges = (FullList, FullList + stride_mapk)
         else:
             # -- query blocks: masked [a, b), unmasked [b, c), masked [c, hi) --
-            ranges = block_ranges(start_n, start_n + BLOCK_N - 1, rows_visited, -diag_offset,
+            ranges = block_ranges(start_n, start_n + BLOCK_N - 1, seqlen_q, -diag_offset,
                                   window_right, window_left, BLOCK_M, LOCAL_RIGHT, LOCAL_LEFT)
         # -- one call site, unrolled at compile time over the ranges: the two lists, or the
         # three dense ranges (the first only with a right edge, causal's diagonal) --
@@ -335,9 +336,10 @@ def _attn_bwd_dq(
     # -- packed variable-length batches: this entry's rows and lengths --
     q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
         CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
-    keys_visited = seqlen_k
     if VARLEN:
-        keys_visited = tl.where(start_m < seqlen_q, seqlen_k, 0)
+        # a program past its sequence's end owns no query row: it exits at once
+        if start_m >= seqlen_q:
+            return
 
     q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm, offs_m, offs_d,
                   stride_qm, stride_qd, seqlen_q, HEAD_DIM, CHECK_ROWS=True,
@@ -366,7 +368,7 @@ def _attn_bwd_dq(
         ranges = (FullList, FullList + stride_mapk)
     else:
         # -- key blocks as in the forward: masked [a, b), unmasked [b, c), masked [c, hi) --
-        ranges = block_ranges(start_m, start_m + BLOCK_M - 1, keys_visited, diag_offset,
+        ranges = block_ranges(start_m, start_m + BLOCK_M - 1, seqlen_k, diag_offset,
                               window_left, window_right, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
     # -- one call site, unrolled at compile time over the ranges: the two lists, or the three
     # dense ranges (the first only with a window's left edge) --

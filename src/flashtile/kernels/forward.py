@@ -156,6 +156,11 @@ def _attn_fwd(
     # -- packed variable-length batches: this entry's rows and lengths --
     q_start, k_start, seqlen_q, seqlen_k, diag_offset = seq_bounds(
         CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
+    if VARLEN:
+        # the grid covers the longest sequence for every entry: a program past its own
+        # sequence's end has no rows, and exits before it loads or sets up anything more
+        if start_m >= seqlen_q:
+            return
     # -- a KV cache: this entry's valid length, its cache row, its page table --
     kv_b = off_b
     pool_rows = seqlen_k  # with PAGED, the key tensor is the whole pool of pages: its rows
@@ -164,10 +169,6 @@ def _attn_fwd(
         diag_offset = seqlen_k - seqlen_q
         kv_b = tl.load(BatchIdx + off_b).to(tl.int64)
     BlockTable_b = BlockTable + off_b * stride_btb
-    # a program past its sequence's end visits no key (seqlen_k of 0 for the block ranges)
-    keys_visited = seqlen_k
-    if VARLEN:
-        keys_visited = tl.where(start_m < seqlen_q, seqlen_k, 0)
 
     Q_block = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
     # TMA for keys and values; a paged cache only when every key block lies in one page, and
@@ -207,7 +208,7 @@ def _attn_fwd(
         last_m = start_m + BLOCK_M - 1
         if PACK_GQA:
             last_m = tl.minimum(last_m // group, seqlen_q - 1)
-        a, b, c, hi = block_ranges(first_m, last_m, keys_visited, diag_offset, window_left,
+        a, b, c, hi = block_ranges(first_m, last_m, seqlen_k, diag_offset, window_left,
                                    window_right, BLOCK_N, LOCAL_LEFT, LOCAL_RIGHT)
         if SPLIT_KV:
             # -- split-KV: this program's share of the keys, whole blocks; each range is cut
