@@ -1,5 +1,5 @@
 """What any kernel can reach when it only reads a decoding step's KV cache: the floor under
-issue 5's decode target (docs/performance.md, v5.13).
+issue 5's decode target (docs/performance.md, v5.14).
 
 Usage: python scripts/decode_floor.py [--cases 1x16384,8x16384,...]
 
