@@ -221,6 +221,20 @@ def test_without_gpu_bench_exits_2(monkeypatch, capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_reports_name_the_commit(monkeypatch):
+    """FLASHTILE_COMMIT names the commit a copied tree holds, over its lagging .git; without it,
+    the checkout's own short hash (this test runs inside the git clone)."""
+    from flashtile.bench.run import _git_commit
+
+    monkeypatch.setenv("FLASHTILE_COMMIT", "89bf9f0")
+    assert _git_commit() == "89bf9f0"
+    monkeypatch.delenv("FLASHTILE_COMMIT")
+    commit = _git_commit()
+    if commit is not None:  # None only outside a git checkout
+        assert all(c in "0123456789abcdef" for c in commit.removesuffix("-dirty"))
+        assert len(commit.removesuffix("-dirty")) >= 7
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--modes", "fwd,sideways"])

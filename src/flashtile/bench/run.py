@@ -172,12 +172,15 @@ def _command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """The short commit of the checkout flashtile is imported from, "-dirty" if tracked files
-    changed since; outside a git checkout (a copied tree), FLASHTILE_COMMIT if set, else None."""
+    """FLASHTILE_COMMIT if set (a copied tree, whose .git may be missing or lag behind the files
+    it holds); else the short commit of the checkout flashtile is imported from, "-dirty" if
+    tracked files changed since; else None."""
+    if os.environ.get("FLASHTILE_COMMIT"):
+        return os.environ["FLASHTILE_COMMIT"]
     here = Path(__file__).resolve().parent
     commit = _command_output(["git", "rev-parse", "--short", "HEAD"], here)
     if not commit:
-        return os.environ.get("FLASHTILE_COMMIT")
+        return None
     changed = _command_output(["git", "status", "--porcelain", "--untracked-files=no"], here)
     return commit + ("-dirty" if changed else "")
 
