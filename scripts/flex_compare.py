@@ -13,7 +13,6 @@ backward does differently (docs/performance.md, v5.13).
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="flex-triton-"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from registers import ptx_resources  # noqa: E402  (scripts/registers.py, beside this one)
 
 import flashtile  # noqa: E402
 from flashtile.bench import providers  # noqa: E402
@@ -48,17 +48,15 @@ def kernel_split(fn, calls=5):
             if e.device_time_total > 0}
 
 
-def ptxas_report(ptx_path):
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        text = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx_path, "-o",
-                               os.path.join(tmp, "k.o")], capture_output=True, text=True).stderr
-
-    def number(pattern):
-        found = re.search(pattern, text)
-        return int(found.group(1)) if found else 0
-    return (number(r"Used (\d+) registers"), number(r"(\d+) bytes spill stores"),
-            number(r"(\d+) bytes spill loads"))
+def ptxas_resources(ptx_path):
+    """(registers, spill stores, spill loads) by ptxas, or None with ptxas' complaint printed
+    (a PTX version this ptxas does not know, say), never zeros that look like a result."""
+    try:
+        found = ptx_resources(open(ptx_path).read())
+    except subprocess.CalledProcessError as e:
+        print(f"  ptxas refused {os.path.basename(ptx_path)}: {e.stderr.strip()[:200]}")
+        return None
+    return found["registers"], found["spill_stores"], found["spill_loads"]
 
 
 print(f"{'D':>4} {'c':>2} {'N':>6} | flashtile f/b | flex f/b | bwd ratio")
@@ -110,7 +108,8 @@ if args.dump:
                     shutil.copy(os.path.join(root, name[:-5] + ext),
                                 os.path.join(args.dump, os.path.basename(root)[:8] + "-"
                                              + name[:-5] + ext))
-            regs, st, ld = ptxas_report(ptx)
+            found = ptxas_resources(ptx)
+            regs, st, ld = found if found else ("?", "?", "?")
             print(f"{kernel[:44]:<44} {meta.get('num_warps', '?'):>5} "
                   f"{meta.get('num_stages', '?'):>6} {regs:>4} {st:>5}/{ld:<6} "
                   f"{meta.get('shared', 0) / 1024:>8.1f}")

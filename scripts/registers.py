@@ -24,6 +24,7 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "0"  # the kernels must be JITFunctions, not interpreted
 
 import triton  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
 from flashtile.kernels import backward, compile_check, configs, forward  # noqa: E402
 
@@ -32,14 +33,16 @@ KERNELS = {"fwd": forward._attn_fwd, "dkdv": backward._attn_bwd_dkdv,
 TUNING_NAMES = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq"}
 
 
-def ptxas_report(compiled) -> dict[str, int]:
-    """registers, spill stores/loads (bytes) and shared memory of a compiled kernel."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+def ptx_resources(ptx: str) -> dict[str, int]:
+    """registers and spill stores/loads (bytes) that ptxas reports for PTX text, for sm_90a,
+    with the ptxas Triton itself compiles with (the package's, or the one its knobs name).
+    Raises CalledProcessError, with ptxas' message, if ptxas refuses the PTX."""
+    ptxas = get_ptxas(90).path
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        text = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o",
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        text = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o",
                                os.path.join(tmp, "kernel.o")],
                               capture_output=True, text=True, check=True).stderr
 
@@ -49,8 +52,12 @@ def ptxas_report(compiled) -> dict[str, int]:
 
     return {"registers": number(r"Used (\d+) registers"),
             "spill_stores": number(r"(\d+) bytes spill stores"),
-            "spill_loads": number(r"(\d+) bytes spill loads"),
-            "shared": compiled.metadata.shared}
+            "spill_loads": number(r"(\d+) bytes spill loads")}
+
+
+def ptxas_report(compiled) -> dict[str, int]:
+    """registers, spill stores/loads (bytes) and shared memory of a compiled kernel."""
+    return {**ptx_resources(compiled.asm["ptx"]), "shared": compiled.metadata.shared}
 
 
 def main(argv: list[str]) -> int:
