@@ -29,6 +29,9 @@ def per_sequence(cu_q, cu_k):
         yield i, slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
 
 
+MANY_Q = [(7 * i) % 23 for i in range(130)] + [75]
+MANY_K = [n and n + (5 * i) % 19 + 16 for i, n in enumerate(MANY_Q[:-1])] + [90]
+
 # (name, seqlens_q, seqlens_k, nheads, nheads_k, options)
 CASES = [
     ("equal_with_empty", [17, 40, 0, 33], [17, 40, 0, 33], 2, 2, {}),
@@ -39,6 +42,11 @@ CASES = [
     ("empty_keys", [10, 12], [0, 12], 2, 2, {}),
     # keys with no queries: their dk, dv are zeros, written by programs that must not exit
     ("empty_queries", [0, 12], [10, 12], 2, 2, {}),
+    # 131 sequences, short ones (empty among them) before a long one whose tiles most entries
+    # lack: grid axis 2 past a hundred entries, nearly every program idle. Every row sees 16
+    # keys or more: rows with one or two keys are 16-bit precision's known limit
+    # (test_fuzz.py), not this case's subject
+    ("many_sequences_causal", MANY_Q, MANY_K, 1, 1, dict(causal=True)),
 ]
 
 
