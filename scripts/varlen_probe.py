@@ -5,7 +5,9 @@ Times, forward and forward+backward, bf16, 16 heads, D 128 (`flashtile bench --v
      flash_attn_func: the same work, so a gap is the varlen kernel's own cost per step;
   2. the batch packed in its drawn order and sorted longest first: the longest sequences' blocks
      then start first (grid axis 2 is the sequence), so a gap is the schedule's tail;
-  3. the batch as padded dense flash_attn_func, the yardstick of the target;
+  3. the batch as padded dense flash_attn_func, the yardstick of the target, with random values
+     in the padding and with zeros there (as the bench pads): the same work, so a gap is the
+     data's own effect on the GPU's speed;
   4. the longest sequence followed by empty ones, one per other sequence of the batch: the same
      work as in 1 with the batch's grid, whose programs past their sequence's end exit at once,
      so a gap is the cost of those idle programs;
@@ -43,7 +45,7 @@ def timed(fn, backward: bool) -> float:
         if backward:
             out.backward(grad)
     out = fn()
-    grad = torch.randn_like(out)
+    grad = torch.randn_like(out) * getattr(fn, "keep", 1)
     return triton.testing.do_bench(step, warmup=50, rep=300)
 
 
@@ -57,10 +59,23 @@ def packed(lengths, causal: bool):
                                                     causal=causal)
 
 
-def dense(batch: int, seqlen: int, causal: bool):
-    q, k, v = (torch.randn(batch, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                           requires_grad=True) for _ in range(3))
-    return lambda: flashtile.flash_attn_func(q, k, v, causal=causal)
+def dense(batch: int, seqlen: int, causal: bool, lengths=None):
+    """flash_attn_func on random (batch, seqlen) inputs; with `lengths`, entry b's rows past
+    lengths[b] are zeros in q, k, v and the output gradient, as in `flashtile bench --varlen`'s
+    padded batch."""
+    q, k, v = (torch.randn(batch, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    keep = None
+    if lengths is not None:
+        rows = torch.arange(seqlen, device="cuda")
+        keep = (rows[None, :] < torch.tensor(lengths, device="cuda")[:, None])[..., None, None]
+        q, k, v = (t * keep for t in (q, k, v))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def fn():
+        return flashtile.flash_attn_func(q, k, v, causal=causal)
+    fn.keep = 1 if keep is None else keep
+    return fn
 
 
 def forced_configs(seqlen: int, causal: bool, count: int = 3) -> None:
@@ -102,6 +117,7 @@ def main(argv=None) -> None:
         ("batch, drawn order", packed(lengths, args.causal), lengths),
         ("batch, longest first", packed(sorted(lengths, reverse=True), args.causal), lengths),
         ("batch, padded dense", dense(len(lengths), longest, args.causal), lengths),
+        ("same, zero padding", dense(len(lengths), longest, args.causal, lengths), lengths),
         ("longest + empty ones", packed([longest] + [0] * (len(lengths) - 1), args.causal),
          [longest]),
         ("equal 4096s, varlen", packed([4096] * (sum(lengths) // 4096), args.causal),
