@@ -52,7 +52,8 @@ def ptxas_resources(ptx_path):
     """(registers, spill stores, spill loads) by ptxas, or None with ptxas' complaint printed
     (a PTX version this ptxas does not know, say), never zeros that look like a result."""
     try:
-        found = ptx_resources(open(ptx_path).read())
+        with open(ptx_path) as f:
+            found = ptx_resources(f.read())
     except subprocess.CalledProcessError as e:
         print(f"  ptxas refused {os.path.basename(ptx_path)}: {e.stderr.strip()[:200]}")
         return None
