@@ -16,9 +16,10 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 from flashtile import masks
-from flashtile.kernels import backward, blockmap, forward, probs
+from flashtile.kernels import backward, blockmap, forward, hopper, probs
 
 FLOAT_ARGS = {"qk_scale", "softcap_scale", "softcap_log2", "dropout_p", "dropout_scale",
               "softmax_scale"}
@@ -89,7 +90,8 @@ def compile_kernel(fn, flags: dict, num_warps: int, num_stages: int, dtype: str,
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                  if signature[n].startswith("*")
                  or (signature[n] == "i32" and n.startswith(("stride", "seqlen")))}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    make_source = GluonASTSource if fn.is_gluon() else ASTSource
+    source = make_source(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -113,13 +115,33 @@ def compile_variant(name: str) -> list[str]:
     return done
 
 
+def compile_hopper(head_dim: int, causal: bool, ws: bool, config=None,
+                   as_launched: bool = False):
+    """A Gluon forward of kernels/hopper.py (the warp-specialized one with ws) for bf16, at
+    `config` (BLOCK_M, BLOCK_N, STAGES, num_warps) or the head dim's chosen one."""
+    block_m, block_n, stages, warps = config or hopper.CHOICE[head_dim][1]
+    warps = 4 if ws else warps
+    flags = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                 CAUSAL=causal, num_warps=warps)
+    fn = hopper._attn_fwd_hopper_ws if ws else hopper._attn_fwd_hopper
+    return compile_kernel(fn, flags, warps, 1, "bf16", as_launched)
+
+
 def main(argv: list[str]) -> int:
     if not isinstance(forward._attn_fwd, triton.JITFunction):
         print("set TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled",
               file=sys.stderr)
         return 2
-    for name in argv or list(VARIANTS):
-        print(name, "compiled for sm_90:", ", ".join(compile_variant(name)), flush=True)
+    for name in argv or [*VARIANTS, "hopper"]:
+        if name == "hopper":
+            for head_dim in sorted(hopper.CHOICE):
+                for causal in (False, True):
+                    for ws in (False, True):
+                        compile_hopper(head_dim, causal, ws)
+            print("hopper compiled for sm_90: _attn_fwd_hopper, _attn_fwd_hopper_ws, head dims",
+                  sorted(hopper.CHOICE), "causal and not", flush=True)
+        else:
+            print(name, "compiled for sm_90:", ", ".join(compile_variant(name)), flush=True)
     return 0
 
 

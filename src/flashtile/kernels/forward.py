@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashtile.kernels import configs
+from flashtile.kernels import configs, hopper
 from flashtile.kernels.common import (
     LOG2E,
     apply_mask_mod,
@@ -271,6 +271,9 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
     natural log. Inputs are assumed validated (interface.py).
     """
     out_dtype = out_dtype or q.dtype
+    if (configs.features["gluon_forward"] and num_splits == 1 and out_dtype == q.dtype
+            and hopper.preferred(q, k, v, opts)):
+        return hopper.attention_forward(q, k, v, opts)
     _, _, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     batch, seqlen_q, seqlen_k = opts.problem(q, k)

@@ -1,0 +1,469 @@
+"""The forward on Hopper, written in Gluon: the same online softmax as forward.py, with the
+overlap that Triton 3.6 does not generate (docs/performance.md, "A path through Gluon").
+
+forward.py's loop runs q kᵀ, then the softmax, then p v, each waiting for the one before:
+Triton waits for every wgmma before its result is read. Here the waits are ours, and the loop
+is software-pipelined one key block deep (FlashAttention-3's intra-warpgroup overlap):
+
+    s_j  = q k_jᵀ                 issued, not waited for
+    acc += p_{j-1} v_{j-1}        issued behind it
+    wait for s_j (one wgmma group may stay in flight: the p v one)
+    softmax of s_j -> p_j         the exponentials run while the tensor cores do p_{j-1} v_{j-1}
+    wait for acc, acc *= alpha_j
+
+Keys and values arrive through TMA into STAGES-deep rings, each slot with its own mbarrier;
+a slot is refilled once every warp has waited for the wgmma that read it.
+
+This path covers the dense forward only: (B, N, H, D) tensors with a unit head-dim stride and
+16-byte aligned rows, float16 or bfloat16, D in {64, 128}, softmax_scale > 0, no window but
+causal, no softcap, ALiBi, dropout, mask predicate, varlen or KV cache, and with causal
+seqlen_q <= seqlen_k (every row sees key 0). `supports` says whether a call is covered,
+`preferred` whether it is one where this path measured faster; everything else takes
+forward.py. It does not run in Triton's interpreter: forward.py is the
+reference it is tested against, on the GPU (tests/test_hopper.py).
+
+Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), causal query blocks heaviest first, as in
+forward.py. Names follow forward.py: s scores (raw q kᵀ here; scaled inside the exp2),
+m_i running max (scaled, log2 units), l_i running sum, acc unnormalized output.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia import hopper as gh
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+from flashtile.kernels import configs
+from flashtile.kernels.params import LOG2E
+
+# Per head dim, the kernel and config that measured fastest (docs/performance.md v6, H200):
+# (warp-specialized?, (BLOCK_M, BLOCK_N, STAGES, num_warps)). Both kernels take either head dim.
+CHOICE = {64: (False, (128, 64, 2, 8)), 128: (True, (128, 128, 3, 4))}
+# The shortest key length at which that choice beat forward.py in the same run, per (head dim,
+# causal); below it, and for query blocks shorter than BLOCK_M, forward.py stays (`preferred`).
+MIN_SEQLEN_K = {(64, False): 4096, (64, True): 4096, (128, False): 1024, (128, True): 2048}
+
+
+@gluon.jit
+def _masked_scores(s, start_m, start_n, seqlen_k, diag_offset,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                   s_layout: gl.constexpr):
+    """s with -inf where key start_n + j lies past seqlen_k or (causal) right of the row's
+    diagonal."""
+    offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    keep = gl.expand_dims(offs_n < seqlen_k, 0)
+    if CAUSAL:
+        offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        keep = keep & (gl.expand_dims(offs_n, 0) <= gl.expand_dims(offs_m + diag_offset, 1))
+    return gl.where(keep, s, float("-inf"))
+
+
+@gluon.jit
+def _block_needs_mask(start_m, start_n, seqlen_k, diag_offset,
+                      BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Whether key block [start_n, start_n + BLOCK_N) has an invisible entry for some row of
+    the query block starting at start_m: the ragged end, or (causal) the diagonal."""
+    needs = start_n + BLOCK_N > seqlen_k
+    if CAUSAL:
+        needs = needs | (start_n + BLOCK_N - 1 > start_m + diag_offset)
+    return needs
+
+
+@gluon.jit
+def _attn_fwd_hopper(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    group, seqlen_q, seqlen_k, diag_offset, qk_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    # -- layouts: the wgmma accumulators of s (BLOCK_M × BLOCK_N) and acc (BLOCK_M × HEAD_DIM),
+    # one warp per 16 rows; p enters the second wgmma from registers --
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                       element_bitwidth=16, rank=2)
+    kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                        element_bitwidth=16, rank=2)
+
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # the query blocks with the most keys first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    off_h = gl.program_id(1).to(gl.int64)
+    off_b = gl.program_id(2).to(gl.int64)
+    off_hk = off_h // group
+
+    # -- TMA descriptors over this (batch, head)'s rows: the copy engine zero-fills rows past
+    # the end on loads and drops them on the store --
+    q_desc = tma.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh,
+                                        shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                        block_shape=[BLOCK_M, HEAD_DIM], layout=q_smem_layout)
+    o_desc = tma.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh,
+                                        shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
+                                        block_shape=[BLOCK_M, HEAD_DIM], layout=q_smem_layout)
+    k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh,
+                                        shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                        block_shape=[BLOCK_N, HEAD_DIM], layout=kv_smem_layout)
+    v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh,
+                                        shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                                        block_shape=[BLOCK_N, HEAD_DIM], layout=kv_smem_layout)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+    gh.fence_async_shared()
+
+    # -- key blocks [0, hi): causal stops after this query block's last diagonal --
+    hi = seqlen_k
+    if CAUSAL:
+        hi = gl.minimum(seqlen_k, start_m + BLOCK_M + diag_offset)
+    n_blocks = gl.cdiv(hi, BLOCK_N)
+    kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
+
+    mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * 2)
+    tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        fill = i < n_blocks
+        mbarrier.expect(k_bars.index(i), kv_bytes, pred=fill)
+        tma.async_copy_global_to_shared(k_desc, [i * BLOCK_N, 0], k_bars.index(i),
+                                        k_smem.index(i), pred=fill)
+        mbarrier.expect(v_bars.index(i), kv_bytes, pred=fill)
+        tma.async_copy_global_to_shared(v_desc, [i * BLOCK_N, 0], v_bars.index(i),
+                                        v_smem.index(i), pred=fill)
+
+    # -- key block 0: its scores and softmax, before the pipelined loop --
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bars.index(0), 0)
+    s = gh.warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    s = gh.warpgroup_mma_wait(num_outstanding=0, deps=[s])
+    # every warp is done with k_0: its slot takes key block STAGES
+    gl.thread_barrier()
+    fill = STAGES < n_blocks
+    mbarrier.expect(k_bars.index(0), kv_bytes, pred=fill)
+    tma.async_copy_global_to_shared(k_desc, [STAGES * BLOCK_N, 0], k_bars.index(0),
+                                    k_smem.index(0), pred=fill)
+    if _block_needs_mask(start_m, 0, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
+        s = _masked_scores(s, start_m, 0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL,
+                           s_layout)
+    # every row sees key 0 (`supports`), so m_i is finite from here on
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+
+    for j in range(1, n_blocks):
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        start_n = j * BLOCK_N
+        # -- s_j = q k_jᵀ, then acc += p_{j-1} v_{j-1}, both in flight --
+        mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
+        s = gh.warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+        acc = gh.warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        # -- the softmax of s_j while p_{j-1} v_{j-1} runs --
+        s = gh.warpgroup_mma_wait(num_outstanding=1, deps=[s])
+        if _block_needs_mask(start_m, start_n, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
+            s = _masked_scores(s, start_m, start_n, seqlen_k, diag_offset, BLOCK_M, BLOCK_N,
+                               CAUSAL, s_layout)
+        m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_ij, 1))
+        alpha = gl.exp2(m_i - m_ij)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_ij
+        acc, p_op = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        # -- every warp is done with k_j and v_{j-1}: refill their slots --
+        gl.thread_barrier()
+        nxt = j + STAGES
+        fill = nxt < n_blocks
+        mbarrier.expect(k_bars.index(slot), kv_bytes, pred=fill)
+        tma.async_copy_global_to_shared(k_desc, [nxt * BLOCK_N, 0], k_bars.index(slot),
+                                        k_smem.index(slot), pred=fill)
+        fill = nxt - 1 < n_blocks
+        mbarrier.expect(v_bars.index(prev), kv_bytes, pred=fill)
+        tma.async_copy_global_to_shared(v_desc, [(nxt - 1) * BLOCK_N, 0], v_bars.index(prev),
+                                        v_smem.index(prev), pred=fill)
+
+    # -- the last block's p v --
+    last = n_blocks - 1
+    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+    acc = gh.warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
+    acc = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+    # -- epilogue: O = acc / l through shared memory (q's buffer) and TMA; LSE in natural log --
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+    gl.thread_barrier()  # every warpgroup's last q kᵀ is done before q's buffer takes O
+    q_smem.store(out.to(dtype))
+    gh.fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [start_m, 0], q_smem)
+    offs_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    gl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _ws_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+             k_empty, v_empty, start_m, n_blocks,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+             STAGES: gl.constexpr):
+    """The load warp: each warpgroup's half of q once, then k_j and v_j into slot j % STAGES
+    as soon as both warpgroups have released the block that held it."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    for h in gl.static_range(2):
+        mbarrier.expect(q_bars.index(h), HALF * HEAD_DIM * 2)
+        tma.async_copy_global_to_shared(q_desc, [start_m + h * HALF, 0], q_bars.index(h),
+                                        q_smem.index(h))
+    kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
+    for j in range(n_blocks):
+        slot = j % STAGES
+        parity = ((j // STAGES) & 1) ^ 1  # the release of block j - STAGES
+        mbarrier.wait(k_empty.index(slot), parity, pred=j >= STAGES)
+        mbarrier.expect(k_ready.index(slot), kv_bytes)
+        tma.async_copy_global_to_shared(k_desc, [j * BLOCK_N, 0], k_ready.index(slot),
+                                        k_smem.index(slot))
+        mbarrier.wait(v_empty.index(slot), parity, pred=j >= STAGES)
+        mbarrier.expect(v_ready.index(slot), kv_bytes)
+        tma.async_copy_global_to_shared(v_desc, [j * BLOCK_N, 0], v_ready.index(slot),
+                                        v_smem.index(slot))
+
+
+@gluon.jit
+def _ws_compute(h: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_ready,
+                v_ready, k_empty, v_empty, start_m, n_blocks, seqlen_q, seqlen_k, diag_offset,
+                qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """One warpgroup: rows [start_m + h · BLOCK_M / 2, + BLOCK_M / 2) of the query block, the
+    pipelined loop of _attn_fwd_hopper, releasing each slot to the load warp when done."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    my_start = start_m + h * HALF
+    q_h = q_smem.index(h)
+
+    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bars.index(h), 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    s = gh.warpgroup_mma(q_h, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                         is_async=True)
+    s = gh.warpgroup_mma_wait(num_outstanding=0, deps=[s])
+    mbarrier.arrive(k_empty.index(0), count=1)
+    if _block_needs_mask(my_start, 0, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
+        s = _masked_scores(s, my_start, 0, seqlen_k, diag_offset, HALF, BLOCK_N, CAUSAL,
+                           s_layout)
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
+
+    for j in range(1, n_blocks):
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        start_n = j * BLOCK_N
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        s = gh.warpgroup_mma(q_h, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                             is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        acc = gh.warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        s = gh.warpgroup_mma_wait(num_outstanding=1, deps=[s])
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        if _block_needs_mask(my_start, start_n, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
+            s = _masked_scores(s, my_start, start_n, seqlen_k, diag_offset, HALF, BLOCK_N,
+                               CAUSAL, s_layout)
+        m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_ij, 1))
+        alpha = gl.exp2(m_i - m_ij)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_ij
+        acc, p_op = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+    last = n_blocks - 1
+    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+    acc = gh.warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
+    acc = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+    q_h.store(out.to(dtype))  # this warpgroup's own rows: its last q kᵀ is done
+    gh.fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [my_start, 0], q_h)
+    offs_m = my_start + gl.arange(0, HALF, layout=row_s)
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    gl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _attn_fwd_hopper_ws(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    group, seqlen_q, seqlen_k, diag_offset, qk_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+):
+    """_attn_fwd_hopper warp-specialized: a load warp issues the TMA copies, and each of two
+    warpgroups (the default partition and a worker, num_warps = 4) owns half of the query
+    block, so the warpgroups are not held in step by a barrier per key block."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_M // 2
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                     element_bitwidth=16, rank=2)
+    pid_m = gl.program_id(0)
+    if CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    off_h = gl.program_id(1).to(gl.int64)
+    off_b = gl.program_id(2).to(gl.int64)
+    off_hk = off_h // group
+    q_desc = tma.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh,
+                                        shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                        block_shape=[HALF, HEAD_DIM], layout=smem_layout)
+    o_desc = tma.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh,
+                                        shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
+                                        block_shape=[HALF, HEAD_DIM], layout=smem_layout)
+    k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh,
+                                        shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                        block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
+    v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh,
+                                        shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                                        block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], smem_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for h in gl.static_range(2):
+        mbarrier.init(q_bars.index(h), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+    gh.fence_async_shared()
+
+    hi = seqlen_k
+    if CAUSAL:
+        hi = gl.minimum(seqlen_k, start_m + BLOCK_M + diag_offset)
+    n_blocks = gl.cdiv(hi, BLOCK_N)
+    LSE_bh = LSE + off_b * stride_lb + off_h * stride_lh
+    gl.warp_specialize([
+        (_ws_compute, (0, o_desc, LSE_bh, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                       k_empty, v_empty, start_m, n_blocks, seqlen_q, seqlen_k, diag_offset,
+                       qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_ws_compute, (1, o_desc, LSE_bh, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                       k_empty, v_empty, start_m, n_blocks, seqlen_q, seqlen_k, diag_offset,
+                       qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_ws_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                    k_empty, v_empty, start_m, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
+    ], [4, 1], [240, 24])
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts) -> bool:
+    """Whether this call is one the Gluon forward covers (module docstring)."""
+    if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in CHOICE:
+        return False
+    if opts.varlen is not None or opts.kvcache is not None or opts.mask_mod is not None:
+        return False
+    if (opts.softcap > 0 or opts.alibi_slopes is not None or opts.dropout_p > 0
+            or opts.softmax_scale <= 0):
+        return False
+    if opts.window_left >= 0 or opts.window_right > 0:
+        return False
+    if opts.causal and opts.diag_offset < 0:
+        return False
+    for t in (q, k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16
+                                                          for s in t.stride()[:-1]):
+            return False
+    return q.shape[1] > 0 and k.shape[1] > 0
+
+
+def preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts) -> bool:
+    """Whether the forward takes this path: a covered call of the lengths where it measured
+    faster than forward.py (MIN_SEQLEN_K), with at least one whole query block."""
+    head_dim = q.shape[-1]
+    if head_dim not in CHOICE or q.shape[1] < CHOICE[head_dim][1][0]:
+        return False
+    return k.shape[1] >= MIN_SEQLEN_K[head_dim, opts.causal] and supports(q, k, v, opts)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts,
+                      config: tuple[int, int, int, int] | None = None,
+                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                      ws: bool | None = None):
+    """The forward of a supported call: out (B, Nq, H, D) in q's dtype and layout, lse
+    (B, H, Nq) float32, natural log, as forward.attention_forward returns them.
+    ws: the warp-specialized kernel or the pipelined one; config: (BLOCK_M, BLOCK_N, STAGES,
+    num_warps; the warp-specialized kernel runs 4 + 4 + 1 warps whatever it says); both default
+    to CHOICE[head dim]. out, lse: buffers to write (tests pass poisoned ones), else new."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    chosen_ws, chosen_config = CHOICE[head_dim]
+    ws = chosen_ws if ws is None else ws
+    block_m, block_n, stages, warps = config or chosen_config
+    out = torch.empty_like(q) if out is None else out
+    if lse is None:
+        lse = torch.empty(batch, nheads, seqlen_q, device=q.device, dtype=torch.float32)
+    triton.set_allocator(configs._tma_allocator)  # for the descriptors made in the kernel
+    grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)
+    kernel = _attn_fwd_hopper_ws if ws else _attn_fwd_hopper
+    kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        nheads // nheads_k, seqlen_q, seqlen_k, opts.diag_offset,
+        opts.softmax_scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        CAUSAL=opts.causal, num_warps=4 if ws else warps,
+    )
+    return out, lse
