@@ -67,13 +67,30 @@ def test_gluon_forward_matches_reference(case, config, ws, monkeypatch):
         assert_close(f"gluon {name} against triton", got, theirs, tolerance(ref, base, dtype))
 
 
+def _recording(monkeypatch) -> list:
+    """Make hopper.attention_forward note each call (q's shape) in the list returned."""
+    calls = []
+    gluon_forward = hopper.attention_forward
+
+    def recording(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return gluon_forward(*args, **kwargs)
+
+    monkeypatch.setattr(hopper, "attention_forward", recording)
+    return calls
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_attn_func_with_the_gluon_forward(causal, monkeypatch):
-    """The backward runs from the Gluon forward's O and LSE."""
+def test_flash_attn_func_with_the_gluon_forward(causal, head_dim, monkeypatch):
+    """The backward runs from the Gluon forward's O and LSE (keys past MIN_SEQLEN_K, so the
+    forward takes the Gluon path: each head dim's chosen kernel)."""
     monkeypatch.setitem(configs.features, "gluon_forward", True)
-    q, k, v = random_qkv(2, 700, 900, 4, 128, torch.bfloat16, nheads_k=2)
+    calls = _recording(monkeypatch)
+    q, k, v = random_qkv(1, 300, 4100, 4, head_dim, torch.bfloat16, nheads_k=2)
     dout = torch.randn_like(q)
     got = run_flashtile(q, k, v, dout, causal=causal)
+    assert calls == [tuple(q.shape)]
     reference = reference_attention(q, k, v, dout, causal=causal, dtype=torch.float64)
     baseline = reference_attention(q, k, v, dout, causal=causal)
     check_attention("flash_attn_func, gluon forward", got, reference, baseline, torch.bfloat16)
@@ -96,8 +113,10 @@ def test_which_calls_the_gluon_forward_covers(monkeypatch):
                                _options(q_long, k[:, :200], True))
     # a flash_attn_func call it does not cover goes to the Triton forward, and is right
     with_window = flash_attn_func(q, k, v, window_size=(64, 0))
-    expected = reference_attention(q, k, v, window_size=(64, 0), dtype=torch.float64).out
-    assert (with_window.double() - expected).abs().max() < 2e-2
+    reference = reference_attention(q, k, v, window_size=(64, 0), dtype=torch.float64)
+    baseline = reference_attention(q, k, v, window_size=(64, 0))
+    check_attention("window, forward.py", dict(out=with_window), reference, baseline,
+                    torch.bfloat16, fields=("out",))
 
 
 @pytest.mark.parametrize("head_dim,causal,seqlen,taken", [
@@ -107,14 +126,7 @@ def test_the_forward_takes_the_gluon_path_where_it_measured_faster(head_dim, cau
                                                                    taken, monkeypatch):
     """hopper.MIN_SEQLEN_K decides; the result is right either way."""
     monkeypatch.setitem(configs.features, "gluon_forward", True)
-    calls = []
-    gluon_forward = hopper.attention_forward
-
-    def recording(*args, **kwargs):
-        calls.append(args[0].shape)
-        return gluon_forward(*args, **kwargs)
-
-    monkeypatch.setattr(hopper, "attention_forward", recording)
+    calls = _recording(monkeypatch)
     q, k, v = random_qkv(1, seqlen, seqlen, 2, head_dim, torch.bfloat16, requires_grad=False)
     out = flash_attn_func(q, k, v, causal=causal)
     assert len(calls) == int(taken)
