@@ -11,8 +11,14 @@ is software-pipelined one key block deep (FlashAttention-3's intra-warpgroup ove
     softmax of s_j -> p_j         the exponentials run while the tensor cores do p_{j-1} v_{j-1}
     wait for acc, acc *= alpha_j
 
-Keys and values arrive through TMA into STAGES-deep rings, each slot with its own mbarrier;
-a slot is refilled once every warp has waited for the wgmma that read it.
+Keys and values arrive through TMA into STAGES-deep rings, each slot with its own mbarrier.
+Two kernels run that loop:
+- `_attn_fwd_hopper`, pipelined: 8 warps, two warpgroups of 64 rows each; the same warps
+  refill a slot after a CTA barrier once every warp has waited for the wgmma that read it.
+- `_attn_fwd_hopper_ws`, warp-specialized: a load warp issues every copy and waits on each
+  slot's "empty" mbarrier, which each of the two compute warpgroups arrives on when done with
+  the slot; nothing holds the warpgroups in step, so one's softmax runs beside the other's
+  wgmmas. CHOICE says which one a head dim takes.
 
 This path covers the dense forward only: (B, N, H, D) tensors with a unit head-dim stride and
 16-byte aligned rows, float16 or bfloat16, D in {64, 128}, softmax_scale > 0, no window but
@@ -73,6 +79,63 @@ def _block_needs_mask(start_m, start_n, seqlen_k, diag_offset,
 
 
 @gluon.jit
+def _row_descriptor(base, n_rows, stride_r, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    layout: gl.constexpr):
+    """A TMA descriptor over the (n_rows, HEAD_DIM) matrix at `base` (one batch entry and
+    head), BLOCK rows a copy: the copy engine zero-fills rows past n_rows on loads and drops
+    them on stores."""
+    return tma.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_r, 1],
+                                      block_shape=[BLOCK, HEAD_DIM], layout=layout)
+
+
+@gluon.jit
+def _softmax_first(s, start_m, seqlen_k, diag_offset, qk_scale,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                   s_layout: gl.constexpr):
+    """m_i, l_i and p of key block 0. Every row sees key 0 (`supports`), so m_i is finite."""
+    if _block_needs_mask(start_m, 0, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
+        s = _masked_scores(s, start_m, 0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL,
+                           s_layout)
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+    return m_i, gl.sum(p, 1), p
+
+
+@gluon.jit
+def _softmax_next(s, m_i, l_i, start_m, start_n, seqlen_k, diag_offset, qk_scale,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                  s_layout: gl.constexpr):
+    """The online softmax's step for key block start_n: (m_i, l_i, p, alpha)."""
+    if _block_needs_mask(start_m, start_n, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
+        s = _masked_scores(s, start_m, start_n, seqlen_k, diag_offset, BLOCK_M, BLOCK_N,
+                           CAUSAL, s_layout)
+    m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_ij, 1))
+    alpha = gl.exp2(m_i - m_ij)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return m_ij, l_i, p, alpha
+
+
+@gluon.jit
+def _write_output(acc, m_i, l_i, o_smem, o_desc, LSE_rows, row0, seqlen_q,
+                  ROWS: gl.constexpr, SYNC: gl.constexpr, row_s: gl.constexpr,
+                  row_o: gl.constexpr):
+    """O = acc / l into rows [row0, row0 + ROWS) through o_smem and TMA, and LSE (natural log)
+    at LSE_rows + row. SYNC: a CTA barrier first (o_smem is q's buffer, which another
+    warpgroup may still be reading)."""
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+    if SYNC:
+        gl.thread_barrier()
+    o_smem.store(out.to(o_smem.dtype))
+    gh.fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [row0, 0], o_smem)
+    offs_m = row0 + gl.arange(0, ROWS, layout=row_s)
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    gl.store(LSE_rows + offs_m, lse, mask=offs_m < seqlen_q)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
 def _attn_fwd_hopper(
     Q, K, V, O, LSE,
     stride_qb, stride_qm, stride_qh,
@@ -109,18 +172,14 @@ def _attn_fwd_hopper(
 
     # -- TMA descriptors over this (batch, head)'s rows: the copy engine zero-fills rows past
     # the end on loads and drops them on the store --
-    q_desc = tma.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh,
-                                        shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                        block_shape=[BLOCK_M, HEAD_DIM], layout=q_smem_layout)
-    o_desc = tma.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh,
-                                        shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
-                                        block_shape=[BLOCK_M, HEAD_DIM], layout=q_smem_layout)
-    k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh,
-                                        shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                        block_shape=[BLOCK_N, HEAD_DIM], layout=kv_smem_layout)
-    v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh,
-                                        shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-                                        block_shape=[BLOCK_N, HEAD_DIM], layout=kv_smem_layout)
+    q_desc = _row_descriptor(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
+                             BLOCK_M, HEAD_DIM, q_smem_layout)
+    o_desc = _row_descriptor(O + off_b * stride_ob + off_h * stride_oh, seqlen_q, stride_om,
+                             BLOCK_M, HEAD_DIM, q_smem_layout)
+    k_desc = _row_descriptor(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
+                             BLOCK_N, HEAD_DIM, kv_smem_layout)
+    v_desc = _row_descriptor(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
+                             BLOCK_N, HEAD_DIM, kv_smem_layout)
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
@@ -157,7 +216,7 @@ def _attn_fwd_hopper(
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_bars.index(0), 0)
     s = gh.warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                      is_async=True)
+                         is_async=True)
     s = gh.warpgroup_mma_wait(num_outstanding=0, deps=[s])
     # every warp is done with k_0: its slot takes key block STAGES
     gl.thread_barrier()
@@ -165,13 +224,8 @@ def _attn_fwd_hopper(
     mbarrier.expect(k_bars.index(0), kv_bytes, pred=fill)
     tma.async_copy_global_to_shared(k_desc, [STAGES * BLOCK_N, 0], k_bars.index(0),
                                     k_smem.index(0), pred=fill)
-    if _block_needs_mask(start_m, 0, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
-        s = _masked_scores(s, start_m, 0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL,
-                           s_layout)
-    # every row sees key 0 (`supports`), so m_i is finite from here on
-    m_i = gl.max(s, 1) * qk_scale
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
-    l_i = gl.sum(p, 1)
+    m_i, l_i, p = _softmax_first(s, start_m, seqlen_k, diag_offset, qk_scale, BLOCK_M, BLOCK_N,
+                                 CAUSAL, s_layout)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
 
@@ -181,20 +235,14 @@ def _attn_fwd_hopper(
         start_n = j * BLOCK_N
         # -- s_j = q k_jᵀ, then acc += p_{j-1} v_{j-1}, both in flight --
         mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
-        s = gh.warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
-                          is_async=True)
+        s = gh.warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero,
+                             use_acc=False, is_async=True)
         mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
         acc = gh.warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         # -- the softmax of s_j while p_{j-1} v_{j-1} runs --
         s = gh.warpgroup_mma_wait(num_outstanding=1, deps=[s])
-        if _block_needs_mask(start_m, start_n, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
-            s = _masked_scores(s, start_m, start_n, seqlen_k, diag_offset, BLOCK_M, BLOCK_N,
-                               CAUSAL, s_layout)
-        m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_ij, 1))
-        alpha = gl.exp2(m_i - m_ij)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_ij
+        m_i, l_i, p, alpha = _softmax_next(s, m_i, l_i, start_m, start_n, seqlen_k, diag_offset,
+                                           qk_scale, BLOCK_M, BLOCK_N, CAUSAL, s_layout)
         acc, p_op = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -221,16 +269,9 @@ def _attn_fwd_hopper(
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
 
-    # -- epilogue: O = acc / l through shared memory (q's buffer) and TMA; LSE in natural log --
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
-    gl.thread_barrier()  # every warpgroup's last q kᵀ is done before q's buffer takes O
-    q_smem.store(out.to(dtype))
-    gh.fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [start_m, 0], q_smem)
-    offs_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
-    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-    gl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=offs_m < seqlen_q)
-    tma.store_wait(pendings=0)
+    # -- epilogue: O through q's buffer, once both warpgroups' last q kᵀ is done --
+    _write_output(acc, m_i, l_i, q_smem, o_desc, LSE + off_b * stride_lb + off_h * stride_lh,
+                  start_m, seqlen_q, BLOCK_M, True, row_s, row_o)
 
 
 @gluon.jit
@@ -285,12 +326,8 @@ def _ws_compute(h: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_
                          is_async=True)
     s = gh.warpgroup_mma_wait(num_outstanding=0, deps=[s])
     mbarrier.arrive(k_empty.index(0), count=1)
-    if _block_needs_mask(my_start, 0, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
-        s = _masked_scores(s, my_start, 0, seqlen_k, diag_offset, HALF, BLOCK_N, CAUSAL,
-                           s_layout)
-    m_i = gl.max(s, 1) * qk_scale
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
-    l_i = gl.sum(p, 1)
+    m_i, l_i, p = _softmax_first(s, my_start, seqlen_k, diag_offset, qk_scale, HALF, BLOCK_N,
+                                 CAUSAL, s_layout)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
 
@@ -305,14 +342,9 @@ def _ws_compute(h: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_
         acc = gh.warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         s = gh.warpgroup_mma_wait(num_outstanding=1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
-        if _block_needs_mask(my_start, start_n, seqlen_k, diag_offset, BLOCK_N, CAUSAL):
-            s = _masked_scores(s, my_start, start_n, seqlen_k, diag_offset, HALF, BLOCK_N,
-                               CAUSAL, s_layout)
-        m_ij = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_ij, 1))
-        alpha = gl.exp2(m_i - m_ij)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_ij
+        m_i, l_i, p, alpha = _softmax_next(s, m_i, l_i, my_start, start_n, seqlen_k,
+                                           diag_offset, qk_scale, HALF, BLOCK_N, CAUSAL,
+                                           s_layout)
         acc, p_op = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
@@ -323,14 +355,9 @@ def _ws_compute(h: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_
     acc = gh.warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
     acc = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
-    q_h.store(out.to(dtype))  # this warpgroup's own rows: its last q kᵀ is done
-    gh.fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [my_start, 0], q_h)
-    offs_m = my_start + gl.arange(0, HALF, layout=row_s)
-    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-    gl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
-    tma.store_wait(pendings=0)
+    # -- O through this warpgroup's own q buffer: its last q kᵀ is done, no barrier --
+    _write_output(acc, m_i, l_i, q_h, o_desc, LSE, my_start, seqlen_q, HALF, False, row_s,
+                  row_o)
 
 
 @gluon.jit
@@ -359,18 +386,14 @@ def _attn_fwd_hopper_ws(
     off_h = gl.program_id(1).to(gl.int64)
     off_b = gl.program_id(2).to(gl.int64)
     off_hk = off_h // group
-    q_desc = tma.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh,
-                                        shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                        block_shape=[HALF, HEAD_DIM], layout=smem_layout)
-    o_desc = tma.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh,
-                                        shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
-                                        block_shape=[HALF, HEAD_DIM], layout=smem_layout)
-    k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh,
-                                        shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                                        block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
-    v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh,
-                                        shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-                                        block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
+    q_desc = _row_descriptor(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
+                             HALF, HEAD_DIM, smem_layout)
+    o_desc = _row_descriptor(O + off_b * stride_ob + off_h * stride_oh, seqlen_q, stride_om,
+                             HALF, HEAD_DIM, smem_layout)
+    k_desc = _row_descriptor(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
+                             BLOCK_N, HEAD_DIM, smem_layout)
+    v_desc = _row_descriptor(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
+                             BLOCK_N, HEAD_DIM, smem_layout)
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], smem_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
