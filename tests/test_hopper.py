@@ -20,7 +20,7 @@ from flashtile.testing import (
 )
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-pytestmark = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 
 # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dtype
 CASES = [
@@ -42,6 +42,7 @@ def _options(q, k, causal: bool) -> AttnOptions:
                        window_right=0 if causal else -1)
 
 
+@needs_hopper
 @pytest.mark.parametrize("ws", [False, True], ids=["pipelined", "warp_specialized"])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -80,6 +81,7 @@ def _recording(monkeypatch) -> list:
     return calls
 
 
+@needs_hopper
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_func_with_the_gluon_forward(causal, head_dim, monkeypatch):
@@ -96,6 +98,7 @@ def test_flash_attn_func_with_the_gluon_forward(causal, head_dim, monkeypatch):
     check_attention("flash_attn_func, gluon forward", got, reference, baseline, torch.bfloat16)
 
 
+@needs_hopper
 def test_which_calls_the_gluon_forward_covers(monkeypatch):
     monkeypatch.setitem(configs.features, "gluon_forward", True)
     q, k, v = random_qkv(1, 256, 256, 2, 128, torch.bfloat16, requires_grad=False)
@@ -119,6 +122,7 @@ def test_which_calls_the_gluon_forward_covers(monkeypatch):
                     torch.bfloat16, fields=("out",))
 
 
+@needs_hopper
 @pytest.mark.parametrize("head_dim,causal,seqlen,taken", [
     (128, False, 1024, True), (128, False, 512, False), (128, True, 2048, True),
     (128, True, 1024, False), (64, False, 4096, True), (64, True, 2048, False)])
@@ -134,3 +138,21 @@ def test_the_forward_takes_the_gluon_path_where_it_measured_faster(head_dim, cau
     baseline = reference_attention(q, k, v, causal=causal)
     check_attention("routed forward", dict(out=out), reference, baseline, torch.bfloat16,
                     fields=("out",))
+
+
+@pytest.mark.parametrize("head_dim,causal,seqlen_q,seqlen_k,taken", [
+    (128, False, 1024, 1024, True), (128, False, 1024, 1023, False),
+    (128, True, 2048, 2048, True), (128, True, 2048, 2047, False),
+    (64, False, 4096, 4096, True), (64, True, 4096, 4095, False),
+    (128, False, 127, 4096, False),  # less than one query block: forward.py
+    (96, False, 4096, 4096, False)])  # a head dim without a choice
+def test_preferred_follows_the_measured_thresholds(head_dim, causal, seqlen_q, seqlen_k, taken,
+                                                   monkeypatch):
+    """hopper.preferred on any machine: supports() stubbed to True, so only the lengths and
+    head dim decide (MIN_SEQLEN_K, CHOICE's BLOCK_M)."""
+    monkeypatch.setattr(hopper, "supports", lambda *args: True)
+    q = torch.empty(1, seqlen_q, 1, head_dim)
+    k = torch.empty(1, seqlen_k, 1, head_dim)
+    opts = AttnOptions(softmax_scale=0.1, diag_offset=seqlen_k - seqlen_q,
+                       window_right=0 if causal else -1)
+    assert hopper.preferred(q, k, k, opts) is taken
