@@ -269,6 +269,8 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
     Returns out (B, Nq, H, D) in out_dtype (default q's dtype; float32 for partial results that
     are merged later, as ring attention's), with q's memory layout, and lse (B, H, Nq) float32,
     natural log. Inputs are assumed validated (interface.py).
+    On a Hopper GPU a dense call that `hopper.preferred` accepts runs the Gluon forward of
+    kernels/hopper.py instead (same results, docs/performance.md v6).
     """
     out_dtype = out_dtype or q.dtype
     if (configs.features["gluon_forward"] and num_splits == 1 and out_dtype == q.dtype
