@@ -89,6 +89,35 @@ def _row_descriptor(base, n_rows, stride_r, BLOCK: gl.constexpr, HEAD_DIM: gl.co
 
 
 @gluon.jit
+def _program_rows(Q, K, V, O,
+                  stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                  stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+                  group, seqlen_q, seqlen_k,
+                  Q_ROWS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, layout: gl.constexpr):
+    """This program's first query row (causal: the query blocks with the most keys first),
+    batch entry and head, and TMA descriptors over its (batch, head)'s rows of q and O
+    (Q_ROWS a copy) and of k and v (BLOCK_N a copy): the copy engine zero-fills rows past the
+    end on loads and drops them on stores."""
+    pid_m = gl.program_id(0)
+    if CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    off_h = gl.program_id(1).to(gl.int64)
+    off_b = gl.program_id(2).to(gl.int64)
+    off_hk = off_h // group
+    q_desc = _row_descriptor(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
+                             Q_ROWS, HEAD_DIM, layout)
+    o_desc = _row_descriptor(O + off_b * stride_ob + off_h * stride_oh, seqlen_q, stride_om,
+                             Q_ROWS, HEAD_DIM, layout)
+    k_desc = _row_descriptor(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
+                             BLOCK_N, HEAD_DIM, layout)
+    v_desc = _row_descriptor(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
+                             BLOCK_N, HEAD_DIM, layout)
+    return start_m, off_b, off_h, q_desc, o_desc, k_desc, v_desc
+
+
+@gluon.jit
 def _softmax_first(s, start_m, seqlen_k, diag_offset, qk_scale,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                    s_layout: gl.constexpr):
@@ -157,33 +186,17 @@ def _attn_fwd_hopper(
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                       element_bitwidth=16, rank=2)
-    kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
-                                                        element_bitwidth=16, rank=2)
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                     element_bitwidth=16, rank=2)
 
-    pid_m = gl.program_id(0)
-    if CAUSAL:  # the query blocks with the most keys first
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    off_h = gl.program_id(1).to(gl.int64)
-    off_b = gl.program_id(2).to(gl.int64)
-    off_hk = off_h // group
+    start_m, off_b, off_h, q_desc, o_desc, k_desc, v_desc = _program_rows(
+        Q, K, V, O, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+        group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, smem_layout)
 
-    # -- TMA descriptors over this (batch, head)'s rows: the copy engine zero-fills rows past
-    # the end on loads and drops them on the store --
-    q_desc = _row_descriptor(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
-                             BLOCK_M, HEAD_DIM, q_smem_layout)
-    o_desc = _row_descriptor(O + off_b * stride_ob + off_h * stride_oh, seqlen_q, stride_om,
-                             BLOCK_M, HEAD_DIM, q_smem_layout)
-    k_desc = _row_descriptor(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
-                             BLOCK_N, HEAD_DIM, kv_smem_layout)
-    v_desc = _row_descriptor(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
-                             BLOCK_N, HEAD_DIM, kv_smem_layout)
-
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -379,21 +392,10 @@ def _attn_fwd_hopper_ws(
     HALF: gl.constexpr = BLOCK_M // 2
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
                                                      element_bitwidth=16, rank=2)
-    pid_m = gl.program_id(0)
-    if CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    off_h = gl.program_id(1).to(gl.int64)
-    off_b = gl.program_id(2).to(gl.int64)
-    off_hk = off_h // group
-    q_desc = _row_descriptor(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
-                             HALF, HEAD_DIM, smem_layout)
-    o_desc = _row_descriptor(O + off_b * stride_ob + off_h * stride_oh, seqlen_q, stride_om,
-                             HALF, HEAD_DIM, smem_layout)
-    k_desc = _row_descriptor(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
-                             BLOCK_N, HEAD_DIM, smem_layout)
-    v_desc = _row_descriptor(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
-                             BLOCK_N, HEAD_DIM, smem_layout)
+    start_m, off_b, off_h, q_desc, o_desc, k_desc, v_desc = _program_rows(
+        Q, K, V, O, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+        group, seqlen_q, seqlen_k, HALF, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, smem_layout)
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], smem_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
