@@ -165,6 +165,90 @@ def _write_output(acc, m_i, l_i, o_smem, o_desc, LSE_rows, row0, seqlen_q,
 
 
 @gluon.jit
+def _attend(q_s, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, row0,
+            n_blocks, seqlen_k, diag_offset, qk_scale,
+            ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            STAGES: gl.constexpr, CAUSAL: gl.constexpr, WARPS: gl.constexpr,
+            LOADS: gl.constexpr):
+    """The pipelined loop over key blocks for the ROWS query rows from row0 held in q_s (q
+    already waited for), spread over WARPS warps; returns acc, m_i, l_i.
+
+    A slot of the k and v rings is free once its wgmma is done. LOADS (the pipelined kernel):
+    these warps refill it themselves after a CTA barrier (k_desc, v_desc; k_empty, v_empty
+    unused). Otherwise (the warp-specialized kernel) they arrive on k_empty / v_empty for the
+    load warp (k_desc, v_desc unused)."""
+    dtype: gl.constexpr = q_s.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
+
+    # -- key block 0: its scores and softmax, before the pipelined loop --
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(k_ready.index(0), 0)
+    s = gh.warpgroup_mma(q_s, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                         is_async=True)
+    s = gh.warpgroup_mma_wait(num_outstanding=0, deps=[s])
+    # -- k_0's slot is free: it takes key block STAGES --
+    if LOADS:
+        gl.thread_barrier()
+        fill = STAGES < n_blocks
+        mbarrier.expect(k_ready.index(0), kv_bytes, pred=fill)
+        tma.async_copy_global_to_shared(k_desc, [STAGES * BLOCK_N, 0], k_ready.index(0),
+                                        k_smem.index(0), pred=fill)
+    else:
+        mbarrier.arrive(k_empty.index(0), count=1)
+    m_i, l_i, p = _softmax_first(s, row0, seqlen_k, diag_offset, qk_scale, ROWS, BLOCK_N,
+                                 CAUSAL, s_layout)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+
+    for j in range(1, n_blocks):
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        start_n = j * BLOCK_N
+        # -- s_j = q k_jᵀ, then acc += p_{j-1} v_{j-1}, both in flight --
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        s = gh.warpgroup_mma(q_s, k_smem.index(slot).permute((1, 0)), s_zero,
+                             use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        acc = gh.warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        # -- the softmax of s_j while p_{j-1} v_{j-1} runs --
+        s = gh.warpgroup_mma_wait(num_outstanding=1, deps=[s])
+        if not LOADS:
+            mbarrier.arrive(k_empty.index(slot), count=1)
+        m_i, l_i, p, alpha = _softmax_next(s, m_i, l_i, row0, start_n, seqlen_k, diag_offset,
+                                           qk_scale, ROWS, BLOCK_N, CAUSAL, s_layout)
+        acc, p_op = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
+        if not LOADS:
+            mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if LOADS:
+            # -- every warp is done with k_j and v_{j-1}: refill their slots --
+            gl.thread_barrier()
+            nxt = j + STAGES
+            fill = nxt < n_blocks
+            mbarrier.expect(k_ready.index(slot), kv_bytes, pred=fill)
+            tma.async_copy_global_to_shared(k_desc, [nxt * BLOCK_N, 0], k_ready.index(slot),
+                                            k_smem.index(slot), pred=fill)
+            fill = nxt - 1 < n_blocks
+            mbarrier.expect(v_ready.index(prev), kv_bytes, pred=fill)
+            tma.async_copy_global_to_shared(v_desc, [(nxt - 1) * BLOCK_N, 0],
+                                            v_ready.index(prev), v_smem.index(prev), pred=fill)
+
+    # -- the last block's p v --
+    last = n_blocks - 1
+    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+    acc = gh.warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
+    acc = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _attn_fwd_hopper(
     Q, K, V, O, LSE,
     stride_qb, stride_qm, stride_qh,
@@ -177,13 +261,11 @@ def _attn_fwd_hopper(
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
-    # -- layouts: the wgmma accumulators of s (BLOCK_M × BLOCK_N) and acc (BLOCK_M × HEAD_DIM),
-    # one warp per 16 rows; p enters the second wgmma from registers --
+    # -- the row layouts of _attend's accumulators, for the epilogue --
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
@@ -224,58 +306,10 @@ def _attn_fwd_hopper(
         tma.async_copy_global_to_shared(v_desc, [i * BLOCK_N, 0], v_bars.index(i),
                                         v_smem.index(i), pred=fill)
 
-    # -- key block 0: its scores and softmax, before the pipelined loop --
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_bars.index(0), 0)
-    s = gh.warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                         is_async=True)
-    s = gh.warpgroup_mma_wait(num_outstanding=0, deps=[s])
-    # every warp is done with k_0: its slot takes key block STAGES
-    gl.thread_barrier()
-    fill = STAGES < n_blocks
-    mbarrier.expect(k_bars.index(0), kv_bytes, pred=fill)
-    tma.async_copy_global_to_shared(k_desc, [STAGES * BLOCK_N, 0], k_bars.index(0),
-                                    k_smem.index(0), pred=fill)
-    m_i, l_i, p = _softmax_first(s, start_m, seqlen_k, diag_offset, qk_scale, BLOCK_M, BLOCK_N,
-                                 CAUSAL, s_layout)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-
-    for j in range(1, n_blocks):
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        start_n = j * BLOCK_N
-        # -- s_j = q k_jᵀ, then acc += p_{j-1} v_{j-1}, both in flight --
-        mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
-        s = gh.warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero,
-                             use_acc=False, is_async=True)
-        mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-        acc = gh.warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        # -- the softmax of s_j while p_{j-1} v_{j-1} runs --
-        s = gh.warpgroup_mma_wait(num_outstanding=1, deps=[s])
-        m_i, l_i, p, alpha = _softmax_next(s, m_i, l_i, start_m, start_n, seqlen_k, diag_offset,
-                                           qk_scale, BLOCK_M, BLOCK_N, CAUSAL, s_layout)
-        acc, p_op = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        # -- every warp is done with k_j and v_{j-1}: refill their slots --
-        gl.thread_barrier()
-        nxt = j + STAGES
-        fill = nxt < n_blocks
-        mbarrier.expect(k_bars.index(slot), kv_bytes, pred=fill)
-        tma.async_copy_global_to_shared(k_desc, [nxt * BLOCK_N, 0], k_bars.index(slot),
-                                        k_smem.index(slot), pred=fill)
-        fill = nxt - 1 < n_blocks
-        mbarrier.expect(v_bars.index(prev), kv_bytes, pred=fill)
-        tma.async_copy_global_to_shared(v_desc, [(nxt - 1) * BLOCK_N, 0], v_bars.index(prev),
-                                        v_smem.index(prev), pred=fill)
-
-    # -- the last block's p v --
-    last = n_blocks - 1
-    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-    acc = gh.warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
-    acc = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, k_bars, v_bars, k_bars, v_bars, k_desc,
+                            v_desc, start_m, n_blocks, seqlen_k, diag_offset, qk_scale, BLOCK_M,
+                            BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps, True)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
@@ -321,52 +355,19 @@ def _ws_compute(h: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_
     """One warpgroup: rows [start_m + h · BLOCK_M / 2, + BLOCK_M / 2) of the query block, the
     pipelined loop of _attn_fwd_hopper, releasing each slot to the load warp when done."""
     HALF: gl.constexpr = BLOCK_M // 2
-    dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     my_start = start_m + h * HALF
     q_h = q_smem.index(h)
 
-    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
     mbarrier.wait(q_bars.index(h), 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    s = gh.warpgroup_mma(q_h, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                         is_async=True)
-    s = gh.warpgroup_mma_wait(num_outstanding=0, deps=[s])
-    mbarrier.arrive(k_empty.index(0), count=1)
-    m_i, l_i, p = _softmax_first(s, my_start, seqlen_k, diag_offset, qk_scale, HALF, BLOCK_N,
-                                 CAUSAL, s_layout)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
-
-    for j in range(1, n_blocks):
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        start_n = j * BLOCK_N
-        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-        s = gh.warpgroup_mma(q_h, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
-                             is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        acc = gh.warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        s = gh.warpgroup_mma_wait(num_outstanding=1, deps=[s])
-        mbarrier.arrive(k_empty.index(slot), count=1)
-        m_i, l_i, p, alpha = _softmax_next(s, m_i, l_i, my_start, start_n, seqlen_k,
-                                           diag_offset, qk_scale, HALF, BLOCK_N, CAUSAL,
-                                           s_layout)
-        acc, p_op = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc, p_op])
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-    last = n_blocks - 1
-    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-    acc = gh.warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
-    acc = gh.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    acc, m_i, l_i = _attend(q_h, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, o_desc,
+                            o_desc, my_start, n_blocks, seqlen_k, diag_offset, qk_scale, HALF,
+                            BLOCK_N, HEAD_DIM, STAGES, CAUSAL, 4, False)
 
     # -- O through this warpgroup's own q buffer: its last q kᵀ is done, no barrier --
     _write_output(acc, m_i, l_i, q_h, o_desc, LSE, my_start, seqlen_q, HALF, False, row_s,
