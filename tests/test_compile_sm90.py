@@ -22,10 +22,12 @@ def test_kernels_compile_for_sm90(variant):
 
 
 def test_gluon_forward_compiles_for_sm90():
-    """kernels/hopper.py, which the interpreter cannot run: at least it must compile."""
+    """kernels/hopper.py and hopper_backward.py, which the interpreter cannot run: at least
+    they must compile."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, "-m", "flashtile.kernels.compile_check", "hopper"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert ("hopper compiled for sm_90: _attn_fwd_hopper, _attn_fwd_hopper_ws, head dims "
             "[64, 128]") in run.stdout
+    assert "hopper compiled for sm_90: _attn_bwd_dkdv_hopper, head dims [64, 128]" in run.stdout

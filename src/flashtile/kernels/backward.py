@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashtile.kernels import configs
+from flashtile.kernels import configs, hopper_backward
 from flashtile.kernels.common import (
     LOG2E,
     apply_mask_mod,
@@ -411,7 +411,9 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 @on_first_tensors_device
 def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     """Launch the backward: Delta, then dK and dV beside dQ (on a second stream with
-    `overlap_dq`). Layouts as attention_forward.
+    `overlap_dq`). Layouts as attention_forward. On a Hopper GPU a dense call that
+    `hopper_backward.preferred` accepts runs its dK/dV pass in the Gluon kernel of
+    kernels/hopper_backward.py instead (same results, docs/performance.md v7).
 
     Returns dq, dk, dv in the inputs' dtypes and memory layouts (dk, dv with k's heads).
     """
@@ -448,14 +450,18 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     if side is not None:
         main = torch.cuda.current_stream(q.device)
         side.wait_stream(main)
-    kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
-                                              per_kernel["DOT_PRECISION"])
-    kernel[lambda meta: (configs.cdiv(seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
-        q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data, cu_q, cu_k,
-        *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
-        *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
-        *scalars, **per_kernel, **launch,
-    )
+    if configs.features["gluon_backward"] and hopper_backward.preferred(q, k, v, do, dk, dv,
+                                                                        opts):
+        hopper_backward.dkdv(q, k, v, do, lse, delta, dk, dv, opts)
+    else:
+        kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
+                                                  per_kernel["DOT_PRECISION"])
+        kernel[lambda meta: (configs.cdiv(seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
+            q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data, cu_q, cu_k,
+            *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
+            *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
+            *scalars, **per_kernel, **launch,
+        )
     kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
                                             per_kernel["DOT_PRECISION"])
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():

@@ -19,7 +19,7 @@ from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from flashtile import masks
-from flashtile.kernels import backward, blockmap, forward, hopper, probs
+from flashtile.kernels import backward, blockmap, forward, hopper, hopper_backward, probs
 
 FLOAT_ARGS = {"qk_scale", "softcap_scale", "softcap_log2", "dropout_p", "dropout_scale",
               "softmax_scale"}
@@ -127,6 +127,17 @@ def compile_hopper(head_dim: int, causal: bool, ws: bool, config=None,
     return compile_kernel(fn, flags, warps, 1, "bf16", as_launched)
 
 
+def compile_hopper_backward(head_dim: int, causal: bool, config=None,
+                            as_launched: bool = False):
+    """The Gluon dK/dV pass of kernels/hopper_backward.py for bf16, at `config` (BLOCK_M,
+    BLOCK_N, STAGES) or the head dim's chosen one."""
+    block_m, block_n, stages = config or hopper_backward.CONFIG[head_dim]
+    flags = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                 CAUSAL=causal)
+    return compile_kernel(hopper_backward._attn_bwd_dkdv_hopper, flags, 4, 1, "bf16",
+                          as_launched)
+
+
 def main(argv: list[str]) -> int:
     if not isinstance(forward._attn_fwd, triton.JITFunction):
         print("set TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled",
@@ -140,6 +151,11 @@ def main(argv: list[str]) -> int:
                         compile_hopper(head_dim, causal, ws)
             print("hopper compiled for sm_90: _attn_fwd_hopper, _attn_fwd_hopper_ws, head dims",
                   sorted(hopper.CHOICE), "causal and not", flush=True)
+            for head_dim in sorted(hopper_backward.CONFIG):
+                for causal in (False, True):
+                    compile_hopper_backward(head_dim, causal)
+            print("hopper compiled for sm_90: _attn_bwd_dkdv_hopper, head dims",
+                  sorted(hopper_backward.CONFIG), "causal and not", flush=True)
         else:
             print(name, "compiled for sm_90:", ", ".join(compile_variant(name)), flush=True)
     return 0

@@ -263,9 +263,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 # - tma_paged: paged KV caches through TMA were slower than the gather path (v5.5);
 # - overlap_dq: dQ on a second stream beside dK/dV, 0-5% faster, most at N = 1k (v5.8);
 # - gluon_forward: the dense forward through kernels/hopper.py on Hopper GPUs, where it
-#   measured faster (v6: up to 1.2x the Triton forward at D 128).
+#   measured faster (v6: up to 1.2x the Triton forward at D 128);
+# - gluon_backward: the dense backward's dK/dV pass through kernels/hopper_backward.py on
+#   Hopper GPUs, where it measured faster (v7).
 features = {"tma_forward": True, "tma_backward": False, "tma_paged": False,
-            "overlap_dq": True, "gluon_forward": True}
+            "overlap_dq": True, "gluon_forward": True, "gluon_backward": True}
 
 
 def _tma_allocator(size: int, alignment: int, stream):

@@ -1,0 +1,263 @@
+"""The backward's dK/dV pass on Hopper, written in Gluon: backward.py's _attn_bwd_dkdv with the
+overlap that Triton 3.6 does not generate (docs/performance.md, v7).
+
+Same equations as backward.py (docs/derivation.md §5), transposed so that this program's keys
+are the rows:
+
+    sT  = k qᵀ,  dpT = v dOᵀ                 both issued; wait for sT only
+    pT  = exp2(sT · qk_scale − LSE · log2 e)   while dpT runs on the tensor cores
+    dV += pT dO                                issued; wait for dpT
+    dsT = pT ∘ (dpT − Delta)
+    dK += dsT q                                wait for both, release the slot
+    dK  = scale · dK at the end
+
+Warp-specialized, as the forward's `_attn_fwd_hopper_ws` (kernels/hopper.py): a 1-warp load
+partition streams q and dO blocks of BLOCK_M rows through TMA into a STAGES-deep ring (one
+"ready" mbarrier per slot, one "empty" mbarrier that both compute warpgroups arrive on), and
+two 4-warp compute warpgroups each own BLOCK_N / 2 = 64 keys, with their dK and dV in
+registers. With grouped-query attention a program walks every query head of its key/value
+head's group in turn and sums their gradients, as backward.py does; it is the sole writer of
+its dK, dV rows, so there are no atomics and repeated runs are bitwise equal.
+
+Coverage is the Gluon forward's (`hopper.supports`): dense (B, N, H, D) float16/bfloat16 with
+D in {64, 128}, causal or not, no window, softcap, ALiBi, dropout, mask predicate, varlen or KV
+cache. dQ stays with backward.py's `_attn_bwd_dq`. It does not run in Triton's interpreter:
+backward.py is the reference it is tested against, on the GPU (tests/test_hopper.py).
+
+Grid: (cdiv(seqlen_k, BLOCK_N), nheads_k, batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia import hopper as gh
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+from flashtile.kernels import configs, hopper
+from flashtile.kernels.hopper import _row_descriptor
+from flashtile.kernels.params import LOG2E
+
+# (BLOCK_M, BLOCK_N, STAGES) per head dim: BLOCK_N is two warpgroups of 64 keys (a wgmma's
+# rows), BLOCK_M the query rows of a step (docs/performance.md v7, H200).
+CONFIG = {64: (64, 128, 2), 128: (64, 128, 2)}
+# The shortest key length at which this pass beat backward.py's dK/dV in the same run, per
+# (head dim, causal); below it backward.py's runs (`preferred`).
+MIN_SEQLEN_K = {(64, False): 1024, (64, True): 1024, (128, False): 1024, (128, True): 1024}
+LOG2E_C = gl.constexpr(LOG2E)
+
+
+@gluon.jit
+def _dkdv_load(Q, dO, stride_qm, stride_qh, stride_dom, stride_doh, off_h0, group, seqlen_q,
+               k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, ready, empty,
+               start_n, m_lo, n_mblocks,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+               STAGES: gl.constexpr):
+    """The load warp: this program's keys and values once, then q and dO of every query block
+    of every query head of the group, each into the next ring slot once both warpgroups have
+    released it."""
+    HALF: gl.constexpr = BLOCK_N // 2
+    mbarrier.expect(kv_ready, 2 * BLOCK_N * HEAD_DIM * k_smem.dtype.primitive_bitwidth // 8)
+    for h in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [start_n + h * HALF, 0], kv_ready,
+                                        k_smem.index(h))
+        tma.async_copy_global_to_shared(v_desc, [start_n + h * HALF, 0], kv_ready,
+                                        v_smem.index(h))
+    nbytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * q_smem.dtype.primitive_bitwidth // 8
+    layout: gl.constexpr = q_smem.type.layout
+    it = 0
+    for g in range(group):
+        off_h = off_h0 + g
+        q_desc = _row_descriptor(Q + off_h * stride_qh, seqlen_q, stride_qm, BLOCK_M, HEAD_DIM,
+                                 layout)
+        do_desc = _row_descriptor(dO + off_h * stride_doh, seqlen_q, stride_dom, BLOCK_M,
+                                  HEAD_DIM, layout)
+        for i in range(n_mblocks):
+            slot = it % STAGES
+            # the slot's previous use (STAGES steps ago) released by both warpgroups
+            mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
+            mbarrier.expect(ready.index(slot), nbytes)
+            start_m = m_lo + i * BLOCK_M
+            tma.async_copy_global_to_shared(q_desc, [start_m, 0], ready.index(slot),
+                                            q_smem.index(slot))
+            tma.async_copy_global_to_shared(do_desc, [start_m, 0], ready.index(slot),
+                                            do_smem.index(slot))
+            it += 1
+
+
+@gluon.jit
+def _dkdv_compute(h: gl.constexpr, dk_desc, dv_desc, LSE, Delta, stride_lh, off_h0, group,
+                  q_smem, do_smem, k_smem, v_smem, kv_ready, ready, empty,
+                  start_n, m_lo, n_mblocks, seqlen_q, diag_offset, qk_scale, softmax_scale,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """Compute warpgroup h: dK and dV of keys start_n + h·64 ... + 63 (module docstring)."""
+    HALF: gl.constexpr = BLOCK_N // 2
+    dtype: gl.constexpr = q_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    cols: gl.constexpr = gl.SliceLayout(0, st_layout)  # along the query rows
+    rows: gl.constexpr = gl.SliceLayout(1, st_layout)  # along this warpgroup's keys
+    k_s = k_smem.index(h)
+    v_s = v_smem.index(h)
+    my_n = start_n + h * HALF
+    offs_n = my_n + gl.arange(0, HALF, layout=rows)
+    zero_st = gl.zeros([HALF, BLOCK_M], gl.float32, layout=st_layout)
+    dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_layout)
+    mbarrier.wait(kv_ready, 0)
+    it = 0
+    for g in range(group):
+        LSE_h = LSE + (off_h0 + g) * stride_lh
+        Delta_h = Delta + (off_h0 + g) * stride_lh
+        for i in range(n_mblocks):
+            slot = it % STAGES
+            start_m = m_lo + i * BLOCK_M
+            offs_m = start_m + gl.arange(0, BLOCK_M, layout=cols)
+            # LSE in log2 units; rows that saw nothing (-inf) and rows past the end get +inf,
+            # so that their p is exactly 0 (backward.py's _load_lse2)
+            lse = gl.load(LSE_h + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
+            delta = gl.load(Delta_h + offs_m, mask=offs_m < seqlen_q, other=0.0)
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            q_s = q_smem.index(slot)
+            do_s = do_smem.index(slot)
+            sT = gh.warpgroup_mma(k_s, q_s.permute((1, 0)), zero_st, use_acc=False,
+                                  is_async=True)
+            dpT = gh.warpgroup_mma(v_s, do_s.permute((1, 0)), zero_st, use_acc=False,
+                                   is_async=True)
+            sT = gh.warpgroup_mma_wait(num_outstanding=1, deps=[sT])
+            pT = gl.exp2(sT * qk_scale - gl.expand_dims(lse2, 0))
+            if CAUSAL:
+                # masked only where the block's first row misses the warpgroup's last key
+                if start_m + diag_offset < my_n + HALF - 1:
+                    keep = gl.expand_dims(offs_n, 1) <= gl.expand_dims(offs_m + diag_offset, 0)
+                    pT = gl.where(keep, pT, 0.0)
+            p_op = gl.convert_layout(pT.to(dtype), op_layout)
+            dv = gh.warpgroup_mma(p_op, do_s, dv, is_async=True)
+            dpT = gh.warpgroup_mma_wait(num_outstanding=1, deps=[dpT])
+            dsT = pT * (dpT - gl.expand_dims(delta, 0))
+            ds_op = gl.convert_layout(dsT.to(dtype), op_layout)
+            dk = gh.warpgroup_mma(ds_op, q_s, dk, is_async=True)
+            dv, dk, p_op, ds_op = gh.warpgroup_mma_wait(num_outstanding=0,
+                                                        deps=[dv, dk, p_op, ds_op])
+            mbarrier.arrive(empty.index(slot), count=1)
+            it += 1
+    dk = dk * softmax_scale
+    # out through this warpgroup's own k and v buffers: every read of them is done. Keys past
+    # seqlen_k (zero-filled on load) are dropped by the store
+    k_s.store(dk.to(dtype))
+    v_s.store(dv.to(dtype))
+    gh.fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [my_n, 0], k_s)
+    tma.async_copy_shared_to_global(dv_desc, [my_n, 0], v_s)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _attn_bwd_dkdv_hopper(
+    Q, K, V, dO, LSE, Delta, dK, dV,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    stride_lb, stride_lh,
+    group, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_N // 2
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                rank=2)
+    start_n = gl.program_id(0) * BLOCK_N
+    off_hk = gl.program_id(1).to(gl.int64)
+    off_h0 = off_hk * group  # the group's first query head
+    off_b = gl.program_id(2).to(gl.int64)
+    k_desc = _row_descriptor(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
+                             HALF, HEAD_DIM, layout)
+    v_desc = _row_descriptor(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
+                             HALF, HEAD_DIM, layout)
+    dk_desc = _row_descriptor(dK + off_b * stride_dkb + off_hk * stride_dkh, seqlen_k,
+                              stride_dkn, HALF, HEAD_DIM, layout)
+    dv_desc = _row_descriptor(dV + off_b * stride_dvb + off_hk * stride_dvh, seqlen_k,
+                              stride_dvn, HALF, HEAD_DIM, layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrival per compute warpgroup
+    gh.fence_async_shared()
+
+    m_lo = 0
+    if CAUSAL:  # the first query block with a row that sees this program's first key
+        m_lo = gl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
+    n_mblocks = gl.cdiv(seqlen_q - m_lo, BLOCK_M)
+    LSE_b = LSE + off_b * stride_lb
+    Delta_b = Delta + off_b * stride_lb
+    gl.warp_specialize([
+        (_dkdv_compute, (0, dk_desc, dv_desc, LSE_b, Delta_b, stride_lh, off_h0, group,
+                         q_smem, do_smem, k_smem, v_smem, kv_ready, ready, empty, start_n, m_lo,
+                         n_mblocks, seqlen_q, diag_offset, qk_scale, softmax_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_dkdv_compute, (1, dk_desc, dv_desc, LSE_b, Delta_b, stride_lh, off_h0, group,
+                         q_smem, do_smem, k_smem, v_smem, kv_ready, ready, empty, start_n, m_lo,
+                         n_mblocks, seqlen_q, diag_offset, qk_scale, softmax_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_dkdv_load, (Q + off_b * stride_qb, dO + off_b * stride_dob, stride_qm, stride_qh,
+                      stride_dom, stride_doh, off_h0, group, seqlen_q, k_desc, v_desc, q_smem,
+                      do_smem, k_smem, v_smem, kv_ready, ready, empty, start_n, m_lo,
+                      n_mblocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
+    ], [4, 1], [240, 24])
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and not any(
+        s * t.element_size() % 16 for s in t.stride()[:-1])
+
+
+def preferred(q, k, v, do, dk, dv, opts) -> bool:
+    """Whether backward.py hands its dK/dV pass to this kernel: a call the Gluon forward
+    covers (hopper.supports), with dO, dK and dV TMA-ready as well, at key lengths where it
+    measured faster (MIN_SEQLEN_K)."""
+    head_dim = q.shape[-1]
+    if head_dim not in CONFIG or k.shape[1] < MIN_SEQLEN_K[head_dim, opts.causal]:
+        return False
+    return hopper.supports(q, k, v, opts) and all(_tma_ready(t) for t in (do, dk, dv))
+
+
+def dkdv(q, k, v, do, lse, delta, dk, dv, opts, config: tuple[int, int, int] | None = None):
+    """Write dK, dV of a call that `hopper.supports` covers into dk, dv (k's and v's shapes):
+    q, k, v, do (B, N, H, D); lse, delta (B, H, Nq) float32 with rows at unit stride, lse in
+    natural log as the forward returns it, delta = rowsum(dO ∘ O). config: (BLOCK_M, BLOCK_N,
+    STAGES), CONFIG[head dim] by default."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    block_m, block_n, stages = config or CONFIG[head_dim]
+    triton.set_allocator(configs._tma_allocator)  # for the descriptors made in the kernel
+    grid = (triton.cdiv(seqlen_k, block_n), nheads_k, batch)
+    _attn_bwd_dkdv_hopper[grid](
+        q, k, v, do, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        lse.stride(0), lse.stride(1),
+        nheads // nheads_k, seqlen_q, seqlen_k, opts.diag_offset, opts.softmax_scale * LOG2E,
+        opts.softmax_scale,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        CAUSAL=opts.causal, num_warps=4,
+    )
+    return dk, dv
