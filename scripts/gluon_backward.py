@@ -1,12 +1,13 @@
-"""The Gluon dK/dV pass (kernels/hopper_backward.py) beside backward.py's and cuDNN, in one
-process.
+"""The Gluon backward passes (kernels/hopper_backward.py) beside backward.py's and cuDNN, in
+one process.
 
 Usage: python scripts/gluon_backward.py [--dims 128,64] [--seqlens 512,1024,...] [--json FILE]
 
 For each shape of the grid (batch·N = 16k tokens, heads = 2048 / D, bf16, causal and not):
-- the dK/dV pass alone: backward.py's `_attn_bwd_dkdv` (autotuned; its kernel time read from
-  the torch profiler, as it is launched inside attention_backward) and the Gluon kernel at each
-  config of CONFIGS (called directly), in TFLOP/s of its four matmuls (2 × the forward's FLOP);
+- each pass alone: backward.py's `_attn_bwd_dkdv` and `_attn_bwd_dq` (autotuned; their kernel
+  times read from the torch profiler, as they are launched inside attention_backward) and the
+  Gluon kernel at each config of CONFIGS (called directly), in TFLOP/s of the pass's matmuls
+  (dK/dV four: 2 × the forward's FLOP; dQ three: 1.5 ×);
 - the whole backward (backward.attention_backward: Delta, dK/dV beside dQ) with the Gluon pass
   off and on, and SDPA's cuDNN backend's backward, in TFLOP/s of 2.5 × the forward's FLOP.
 Timed with triton.testing.do_bench (median). What hopper_backward.CONFIG and MIN_SEQLEN_K were
@@ -26,15 +27,18 @@ from torch.profiler import ProfilerActivity, profile
 from flashtile.kernels import backward, configs, forward, hopper_backward
 from flashtile.kernels.params import AttnOptions
 
-CONFIGS = [(64, 128, 2), (64, 128, 3), (32, 128, 3)]  # (BLOCK_M, BLOCK_N, STAGES)
+# per pass, (BLOCK_M, BLOCK_N, STAGES), and the pass's FLOP as a multiple of the forward's
+CONFIGS = {"dkdv": [(64, 128, 2), (64, 128, 3)],
+           "dq": [(128, 64, 2), (128, 128, 2), (128, 64, 3)]}
+FLOP = {"dkdv": 2.0, "dq": 1.5}
 
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def triton_dkdv_ms(call) -> float:
-    """backward.py's dK/dV kernel time inside `call` (a whole backward), mean of 5 calls."""
+def triton_pass_ms(call) -> dict:
+    """backward.py's dK/dV and dQ kernel times inside `call` (a whole backward), mean of 5."""
     for _ in range(3):
         call()
     torch.cuda.synchronize()
@@ -42,8 +46,8 @@ def triton_dkdv_ms(call) -> float:
         for _ in range(5):
             call()
         torch.cuda.synchronize()
-    times = [e.device_time_total for e in prof.key_averages() if "_attn_bwd_dkdv" in e.key]
-    return sum(times) / 5 / 1000
+    return {name: sum(e.device_time_total for e in prof.key_averages()
+                      if f"_attn_bwd_{name}" in e.key) / 5 / 1000 for name in CONFIGS}
 
 
 def measure(head_dim: int, causal: bool, seqlen: int) -> dict:
@@ -61,19 +65,30 @@ def measure(head_dim: int, causal: bool, seqlen: int) -> dict:
         return backward.attention_backward(dout, q, k, v, out, lse, opts)
 
     configs.features["gluon_backward"] = False
-    _, expected_dk, expected_dv = whole()
-    row["triton dkdv"] = 2 * fwd_flops / triton_dkdv_ms(whole) / 1e9
+    expected = dict(zip(("dq", "dk", "dv"), whole()))
+    for name, ms in triton_pass_ms(whole).items():
+        row[f"triton {name}"] = FLOP[name] * fwd_flops / ms / 1e9
     row["triton bwd"] = 2.5 * fwd_flops / bench(whole) / 1e9
-    for config in CONFIGS:
-        dk, dv = hopper_backward.dkdv(q, k, v, dout, lse, delta, torch.empty_like(k),
-                                      torch.empty_like(v), opts, config)
-        err = max((dk.float() - expected_dk.float()).abs().max().item(),
-                  (dv.float() - expected_dv.float()).abs().max().item())
-        if err > 5e-2:
-            raise AssertionError(f"gluon {config}: max |dk, dv - backward.py's| {err:.3g}")
-        ms = bench(lambda config=config, dk=dk, dv=dv: hopper_backward.dkdv(
-            q, k, v, dout, lse, delta, dk, dv, opts, config))
-        row["gluon dkdv " + ",".join(map(str, config))] = 2 * fwd_flops / ms / 1e9
+    for name, pass_configs in CONFIGS.items():
+        for config in pass_configs:
+            outs = dict(dk=torch.empty_like(k), dv=torch.empty_like(v), dq=torch.empty_like(q))
+
+            def run(config=config, name=name, o=outs):
+                if name == "dkdv":
+                    hopper_backward.dkdv(q, k, v, dout, lse, delta, o["dk"], o["dv"], opts,
+                                         config)
+                else:
+                    hopper_backward.dq(q, k, v, dout, lse, delta, o["dq"], opts, config)
+
+            run()
+            written = ("dk", "dv") if name == "dkdv" else ("dq",)
+            err = max((outs[t].float() - expected[t].float()).abs().max().item()
+                      for t in written)
+            label = f"gluon {name} " + ",".join(map(str, config))
+            if not err <= 5e-2:  # reported, not timed
+                print(f"{label}: max error against backward.py's {err:.3g}", flush=True)
+                continue
+            row[label] = FLOP[name] * fwd_flops / bench(run) / 1e9
     configs.features["gluon_backward"] = True
     row["gluon bwd"] = 2.5 * fwd_flops / bench(whole) / 1e9
     qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
@@ -98,13 +113,17 @@ def main() -> None:
             for seqlen in map(int, args.seqlens.split(",")):
                 row = measure(head_dim, causal, seqlen)
                 rows.append(row)
-                gluon = {k: t for k, t in row.items() if k.startswith("gluon dkdv")}
-                best = max(gluon, key=gluon.get)
-                print(f"D{head_dim} causal={int(causal)} N{seqlen}: dK/dV triton "
-                      f"{row['triton dkdv']:.0f}, " + ", ".join(
-                          f"{k[11:]} {t:.0f}" for k, t in gluon.items())
-                      + f" (best {best[11:]}: {gluon[best] / row['triton dkdv']:.2f}x); bwd "
-                      f"triton {row['triton bwd']:.0f}, with gluon {row['gluon bwd']:.0f} "
+                passes = []
+                for name in CONFIGS:
+                    gluon = {k: t for k, t in row.items() if k.startswith(f"gluon {name} ")}
+                    best = max(gluon, key=gluon.get, default=None)
+                    if best is None:
+                        continue
+                    passes.append(f"{name} triton {row[f'triton {name}']:.0f}, " + ", ".join(
+                        f"({k.split()[-1]}) {t:.0f}" for k, t in gluon.items())
+                        + f" [best {gluon[best] / row[f'triton {name}']:.2f}x]")
+                print(f"D{head_dim} causal={int(causal)} N{seqlen}: " + "; ".join(passes)
+                      + f"; bwd triton {row['triton bwd']:.0f}, gluon {row['gluon bwd']:.0f} "
                       f"({row['gluon bwd'] / row['triton bwd']:.2f}x), cudnn "
                       f"{row['cudnn bwd']:.0f} (÷cudnn {row['gluon bwd'] / row['cudnn bwd']:.2f})"
                       " TFLOP/s", flush=True)

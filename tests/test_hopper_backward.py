@@ -1,7 +1,8 @@
-"""The Gluon dK/dV pass (kernels/hopper_backward.py) on a Hopper GPU: against the float64
-reference by FlashAttention's rule and against backward.py's dK/dV pass, into poisoned buffers;
-the gradients of flash_attn_func with it switched on; and when backward.py hands it the pass.
-The interpreter cannot run it (on the CPU, test_compile_sm90 compiles it for sm_90)."""
+"""The Gluon backward passes (kernels/hopper_backward.py) on a Hopper GPU: each against the
+float64 reference by FlashAttention's rule and against backward.py's pass, into poisoned
+buffers; the gradients of flash_attn_func with them switched on; and when backward.py hands
+them a pass. The interpreter cannot run them (on the CPU, test_compile_sm90 compiles them for
+sm_90)."""
 
 import pytest
 import torch
@@ -32,8 +33,10 @@ CASES = [
     (1, 200, 1100, 2, 2, 64, True, torch.bfloat16),  # keys that no row sees get zero gradients
     (3, 2048, 2048, 2, 2, 128, True, torch.bfloat16),
 ]
-# the head dim's chosen config (CONFIG), a smaller query step and a deeper ring
-CONFIGS = [None, (32, 128, 3), (64, 128, 3)]
+# per pass, the head dim's chosen config, then others: (BLOCK_M, BLOCK_N, STAGES)
+CONFIGS = {"dkdv": [None, (32, 128, 3), (64, 128, 3)],
+           "dq": [None, (128, 128, 2), (128, 64, 3)]}
+PASS_CONFIGS = [(name, config) for name, configs_ in CONFIGS.items() for config in configs_]
 
 
 def _options(q, k, causal: bool) -> AttnOptions:
@@ -41,59 +44,75 @@ def _options(q, k, causal: bool) -> AttnOptions:
                        window_right=0 if causal else -1)
 
 
+def _forward(q, k, v, dout, opts):
+    """out, lse of the forward and Delta = rowsum(dO ∘ O) (B, H, Nq), as backward.py has."""
+    out, lse = forward.attention_forward(q, k, v, opts)
+    return out, lse, (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+
+
+def _run_pass(pass_name, q, k, v, dout, lse, delta, opts, config=None) -> dict:
+    """The Gluon pass into poisoned buffers: {"dk": ..., "dv": ...} or {"dq": ...}."""
+    if pass_name == "dkdv":
+        dk, dv = poison_(torch.empty_like(k)), poison_(torch.empty_like(v))
+        hopper_backward.dkdv(q, k, v, dout, lse, delta, dk, dv, opts, config)
+        return dict(dk=dk, dv=dv)
+    dq = poison_(torch.empty_like(q))
+    hopper_backward.dq(q, k, v, dout, lse, delta, dq, opts, config)
+    return dict(dq=dq)
+
+
 @needs_hopper
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("pass_name,config", PASS_CONFIGS, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_gluon_dkdv_matches_reference(case, config, monkeypatch):
+def test_gluon_pass_matches_reference(case, pass_name, config, monkeypatch):
     batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dtype = case
     q, k, v = random_qkv(batch, seqlen_q, seqlen_k, nheads, head_dim, dtype,
                          requires_grad=False, nheads_k=nheads_k)
     dout = torch.randn_like(q)
     opts = _options(q, k, causal)
     assert hopper.supports(q, k, v, opts)
-    out, lse = forward.attention_forward(q, k, v, opts)
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    dk, dv = poison_(torch.empty_like(k)), poison_(torch.empty_like(v))
-    hopper_backward.dkdv(q, k, v, dout, lse, delta, dk, dv, opts, config)
+    out, lse, delta = _forward(q, k, v, dout, opts)
+    got = _run_pass(pass_name, q, k, v, dout, lse, delta, opts, config)
     reference = reference_attention(q, k, v, dout, causal=causal, dtype=torch.float64)
     baseline = reference_attention(q, k, v, dout, causal=causal)
-    check_attention("gluon", dict(dk=dk, dv=dv), reference, baseline, dtype,
-                    fields=("dk", "dv"))
+    check_attention(f"gluon {pass_name}", got, reference, baseline, dtype, fields=tuple(got))
     # and as close to backward.py's pass (which the interpreter checks on the CPU) as the rule
     # allows either of them to be to the reference
     monkeypatch.setitem(configs.features, "gluon_backward", False)
-    _, triton_dk, triton_dv = backward.attention_backward(dout, q, k, v, out, lse, opts)
-    for name, got, theirs, ref, base in (("dk", dk, triton_dk, reference.dk, baseline.dk),
-                                         ("dv", dv, triton_dv, reference.dv, baseline.dv)):
-        assert_close(f"gluon {name} against triton", got, theirs, tolerance(ref, base, dtype))
+    theirs = dict(zip(("dq", "dk", "dv"),
+                      backward.attention_backward(dout, q, k, v, out, lse, opts)))
+    for name in got:
+        ref, base = getattr(reference, name), getattr(baseline, name)
+        assert_close(f"gluon {name} against triton", got[name], theirs[name],
+                     tolerance(ref, base, dtype))
 
 
 @needs_hopper
-def test_gluon_dkdv_is_deterministic():
+@pytest.mark.parametrize("pass_name", list(CONFIGS))
+def test_gluon_pass_is_deterministic(pass_name):
     """Each program is the sole writer of its rows (no atomics): two runs are bitwise equal."""
     q, k, v = random_qkv(2, 1500, 1500, 4, 128, torch.bfloat16, requires_grad=False,
                          nheads_k=1)
     dout = torch.randn_like(q)
     opts = _options(q, k, True)
-    out, lse = forward.attention_forward(q, k, v, opts)
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    first = hopper_backward.dkdv(q, k, v, dout, lse, delta, torch.empty_like(k),
-                                 torch.empty_like(v), opts)
-    second = hopper_backward.dkdv(q, k, v, dout, lse, delta, torch.empty_like(k),
-                                  torch.empty_like(v), opts)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    _, lse, delta = _forward(q, k, v, dout, opts)
+    first = _run_pass(pass_name, q, k, v, dout, lse, delta, opts)
+    second = _run_pass(pass_name, q, k, v, dout, lse, delta, opts)
+    assert all(torch.equal(first[name], second[name]) for name in first)
 
 
 def _recording(monkeypatch) -> list:
-    """Make hopper_backward.dkdv note each call (k's shape) in the list returned."""
+    """Make hopper_backward.dkdv and .dq note each call (the pass's name) in the list
+    returned."""
     calls = []
-    gluon_dkdv = hopper_backward.dkdv
+    for pass_name in CONFIGS:
+        gluon_pass = getattr(hopper_backward, pass_name)
 
-    def recording(*args, **kwargs):
-        calls.append(tuple(args[1].shape))
-        return gluon_dkdv(*args, **kwargs)
+        def recording(*args, pass_name=pass_name, gluon_pass=gluon_pass, **kwargs):
+            calls.append(pass_name)
+            return gluon_pass(*args, **kwargs)
 
-    monkeypatch.setattr(hopper_backward, "dkdv", recording)
+        monkeypatch.setattr(hopper_backward, pass_name, recording)
     return calls
 
 
@@ -101,22 +120,23 @@ def _recording(monkeypatch) -> list:
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_func_with_the_gluon_backward(causal, head_dim, monkeypatch):
-    """Every output and gradient of a call whose dK/dV pass runs in Gluon (dQ in
-    backward.py), with the Gluon forward's O and LSE where it takes that path too."""
+    """Every output and gradient of a call whose backward passes both run in Gluon (keys past
+    MIN_SEQLEN_K), with the Gluon forward's O and LSE where it takes that path too."""
     monkeypatch.setitem(configs.features, "gluon_backward", True)
     calls = _recording(monkeypatch)
-    q, k, v = random_qkv(1, 700, 2100, 4, head_dim, torch.bfloat16, nheads_k=2)
+    q, k, v = random_qkv(1, 700, 4200, 4, head_dim, torch.bfloat16, nheads_k=2)
     dout = torch.randn_like(q)
     got = run_flashtile(q, k, v, dout, causal=causal)
-    assert calls == [tuple(k.shape)]
+    assert sorted(calls) == ["dkdv", "dq"]
     reference = reference_attention(q, k, v, dout, causal=causal, dtype=torch.float64)
     baseline = reference_attention(q, k, v, dout, causal=causal)
-    check_attention("flash_attn_func, gluon dK/dV", got, reference, baseline, torch.bfloat16)
+    check_attention("flash_attn_func, gluon backward", got, reference, baseline,
+                    torch.bfloat16)
 
 
 @needs_hopper
 def test_calls_outside_its_coverage_keep_backward_py(monkeypatch):
-    """A window (not covered) and a float32 call run backward.py's pass, and are right."""
+    """A window (not covered) and a float32 call run backward.py's passes, and are right."""
     monkeypatch.setitem(configs.features, "gluon_backward", True)
     calls = _recording(monkeypatch)
     for dtype, window in ((torch.bfloat16, (256, 0)), (torch.float32, (-1, -1))):
@@ -129,30 +149,33 @@ def test_calls_outside_its_coverage_keep_backward_py(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("head_dim,causal,seqlen_k,taken", [
-    (128, False, 1024, True), (128, False, 1023, False), (128, True, 1024, True),
-    (64, False, 1024, True), (64, True, 1023, False),
-    (96, False, 4096, False)])  # a head dim without a config
-def test_preferred_follows_the_measured_thresholds(head_dim, causal, seqlen_k, taken,
-                                                   monkeypatch):
+@pytest.mark.parametrize("pass_name", list(CONFIGS))
+@pytest.mark.parametrize("head_dim,causal", [(64, False), (64, True), (128, False), (128, True)])
+def test_preferred_follows_the_measured_thresholds(pass_name, head_dim, causal, monkeypatch):
     """hopper_backward.preferred on any machine: coverage stubbed to True, so only the key
-    length and head dim decide (MIN_SEQLEN_K, CONFIG)."""
+    length and head dim decide (MIN_SEQLEN_K)."""
     monkeypatch.setattr(hopper, "supports", lambda *args: True)
     monkeypatch.setattr(hopper_backward, "_tma_ready", lambda t: True)
+    threshold = hopper_backward.MIN_SEQLEN_K[pass_name][head_dim, causal]
     q = torch.empty(1, 512, 1, head_dim)
-    k = torch.empty(1, seqlen_k, 1, head_dim)
-    opts = AttnOptions(softmax_scale=0.1, diag_offset=seqlen_k - 512,
-                       window_right=0 if causal else -1)
-    assert hopper_backward.preferred(q, k, k, q, k, k, opts) is taken
+    for seqlen_k, taken in ((threshold, True), (threshold - 1, False)):
+        k = torch.empty(1, seqlen_k, 1, head_dim)
+        opts = AttnOptions(softmax_scale=0.1, diag_offset=seqlen_k - 512,
+                           window_right=0 if causal else -1)
+        assert hopper_backward.preferred(pass_name, q, k, k, q, (k,), opts) is taken
+    q96 = torch.empty(1, 512, 1, 96)  # a head dim without a config
+    assert not hopper_backward.preferred(pass_name, q96, q96, q96, q96, (q96,), opts)
 
 
-def test_preferred_wants_tma_ready_gradients(monkeypatch):
-    """dO, dK and dV are read and written through TMA too: a misaligned one keeps
+@pytest.mark.parametrize("pass_name", list(CONFIGS))
+def test_preferred_wants_tma_ready_gradients(pass_name, monkeypatch):
+    """dO and the gradients are read and written through TMA too: a misaligned one keeps
     backward.py (coverage of q, k, v stubbed to True)."""
     monkeypatch.setattr(hopper, "supports", lambda *args: True)
     q = torch.empty(1, 512, 1, 128)
-    k = torch.empty(1, 2048, 1, 128)
-    opts = AttnOptions(softmax_scale=0.1, diag_offset=2048 - 512)
-    assert hopper_backward.preferred(q, k, k, q, k, k, opts)
-    odd = torch.empty(1, 512, 1, 129)[..., 1:]  # rows of 129 elements: 258 bytes
-    assert not hopper_backward.preferred(q, k, k, odd, k, k, opts)
+    k = torch.empty(1, 4096, 1, 128)
+    opts = AttnOptions(softmax_scale=0.1, diag_offset=4096 - 512)
+    assert hopper_backward.preferred(pass_name, q, k, k, q, (k,), opts)
+    odd = torch.empty(1, 512, 1, 129)[..., 1:]  # starts 4 bytes in
+    assert not hopper_backward.preferred(pass_name, q, k, k, odd, (k,), opts)
+    assert not hopper_backward.preferred(pass_name, q, k, k, q, (odd,), opts)

@@ -411,8 +411,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 @on_first_tensors_device
 def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     """Launch the backward: Delta, then dK and dV beside dQ (on a second stream with
-    `overlap_dq`). Layouts as attention_forward. On a Hopper GPU a dense call that
-    `hopper_backward.preferred` accepts runs its dK/dV pass in the Gluon kernel of
+    `overlap_dq`). Layouts as attention_forward. On a Hopper GPU each pass of a dense call
+    that `hopper_backward.preferred` accepts for it runs in the Gluon kernel of
     kernels/hopper_backward.py instead (same results, docs/performance.md v7).
 
     Returns dq, dk, dv in the inputs' dtypes and memory layouts (dk, dv with k's heads).
@@ -450,8 +450,8 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     if side is not None:
         main = torch.cuda.current_stream(q.device)
         side.wait_stream(main)
-    if configs.features["gluon_backward"] and hopper_backward.preferred(q, k, v, do, dk, dv,
-                                                                        opts):
+    gluon = configs.features["gluon_backward"]
+    if gluon and hopper_backward.preferred("dkdv", q, k, v, do, (dk, dv), opts):
         hopper_backward.dkdv(q, k, v, do, lse, delta, dk, dv, opts)
     else:
         kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
@@ -462,15 +462,18 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
             *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
             *scalars, **per_kernel, **launch,
         )
-    kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
-                                            per_kernel["DOT_PRECISION"])
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        kernel[lambda meta: (configs.cdiv(seqlen_q, meta["BLOCK_M"]), nheads, batch)](
-            q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data, cu_q, cu_k,
-            *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
-            *opts.strides(dq), *lse_strides, stride_ab, *kv_list_strides, *scalars,
-            **per_kernel, **launch,
-        )
+        if gluon and hopper_backward.preferred("dq", q, k, v, do, (dq,), opts):
+            hopper_backward.dq(q, k, v, do, lse, delta, dq, opts)
+        else:
+            kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
+                                                    per_kernel["DOT_PRECISION"])
+            kernel[lambda meta: (configs.cdiv(seqlen_q, meta["BLOCK_M"]), nheads, batch)](
+                q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data, cu_q, cu_k,
+                *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
+                *opts.strides(dq), *lse_strides, stride_ab, *kv_list_strides, *scalars,
+                **per_kernel, **launch,
+            )
     if side is not None:
         main.wait_stream(side)
     return dq, dk, dv

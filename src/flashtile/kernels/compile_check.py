@@ -127,15 +127,18 @@ def compile_hopper(head_dim: int, causal: bool, ws: bool, config=None,
     return compile_kernel(fn, flags, warps, 1, "bf16", as_launched)
 
 
-def compile_hopper_backward(head_dim: int, causal: bool, config=None,
+def compile_hopper_backward(pass_name: str, head_dim: int, causal: bool, config=None,
                             as_launched: bool = False):
-    """The Gluon dK/dV pass of kernels/hopper_backward.py for bf16, at `config` (BLOCK_M,
-    BLOCK_N, STAGES) or the head dim's chosen one."""
-    block_m, block_n, stages = config or hopper_backward.CONFIG[head_dim]
+    """A Gluon pass of kernels/hopper_backward.py ("dkdv" or "dq") for bf16, at `config`
+    (BLOCK_M, BLOCK_N, STAGES) or the head dim's chosen one."""
+    fn, chosen = {
+        "dkdv": (hopper_backward._attn_bwd_dkdv_hopper, hopper_backward.CONFIG),
+        "dq": (hopper_backward._attn_bwd_dq_hopper, hopper_backward.CONFIG_DQ),
+    }[pass_name]
+    block_m, block_n, stages = config or chosen[head_dim]
     flags = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
                  CAUSAL=causal)
-    return compile_kernel(hopper_backward._attn_bwd_dkdv_hopper, flags, 4, 1, "bf16",
-                          as_launched)
+    return compile_kernel(fn, flags, 4, 1, "bf16", as_launched)
 
 
 def main(argv: list[str]) -> int:
@@ -153,9 +156,10 @@ def main(argv: list[str]) -> int:
                   sorted(hopper.CHOICE), "causal and not", flush=True)
             for head_dim in sorted(hopper_backward.CONFIG):
                 for causal in (False, True):
-                    compile_hopper_backward(head_dim, causal)
-            print("hopper compiled for sm_90: _attn_bwd_dkdv_hopper, head dims",
-                  sorted(hopper_backward.CONFIG), "causal and not", flush=True)
+                    compile_hopper_backward("dkdv", head_dim, causal)
+                    compile_hopper_backward("dq", head_dim, causal)
+            print("hopper compiled for sm_90: _attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper,",
+                  "head dims", sorted(hopper_backward.CONFIG), "causal and not", flush=True)
         else:
             print(name, "compiled for sm_90:", ", ".join(compile_variant(name)), flush=True)
     return 0

@@ -264,8 +264,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 # - overlap_dq: dQ on a second stream beside dK/dV, 0-5% faster, most at N = 1k (v5.8);
 # - gluon_forward: the dense forward through kernels/hopper.py on Hopper GPUs, where it
 #   measured faster (v6: up to 1.2x the Triton forward at D 128);
-# - gluon_backward: the dense backward's dK/dV pass through kernels/hopper_backward.py on
-#   Hopper GPUs, where it measured faster (v7).
+# - gluon_backward: the dense backward's passes through kernels/hopper_backward.py on Hopper
+#   GPUs, each where it measured faster (v7).
 features = {"tma_forward": True, "tma_backward": False, "tma_paged": False,
             "overlap_dq": True, "gluon_forward": True, "gluon_backward": True}
 

@@ -1,8 +1,8 @@
-"""The backward's dK/dV pass on Hopper, written in Gluon: backward.py's _attn_bwd_dkdv with the
-overlap that Triton 3.6 does not generate (docs/performance.md, v7).
+"""The backward's two passes on Hopper, written in Gluon: backward.py's _attn_bwd_dkdv and
+_attn_bwd_dq with the overlap that Triton 3.6 does not generate (docs/performance.md, v7).
 
-Same equations as backward.py (docs/derivation.md §5), transposed so that this program's keys
-are the rows:
+Same equations as backward.py (docs/derivation.md §5). The dK/dV pass, transposed so that its
+program's keys are the rows:
 
     sT  = k qᵀ,  dpT = v dOᵀ                 both issued; wait for sT only
     pT  = exp2(sT · qk_scale − LSE · log2 e)   while dpT runs on the tensor cores
@@ -21,10 +21,20 @@ its dK, dV rows, so there are no atomics and repeated runs are bitwise equal.
 
 Coverage is the Gluon forward's (`hopper.supports`): dense (B, N, H, D) float16/bfloat16 with
 D in {64, 128}, causal or not, no window, softcap, ALiBi, dropout, mask predicate, varlen or KV
-cache. dQ stays with backward.py's `_attn_bwd_dq`. It does not run in Triton's interpreter:
-backward.py is the reference it is tested against, on the GPU (tests/test_hopper.py).
+cache. It does not run in Triton's interpreter: backward.py is the reference it is tested
+against, on the GPU (tests/test_hopper_backward.py).
 
-Grid: (cdiv(seqlen_k, BLOCK_N), nheads_k, batch).
+The dQ pass is the same machine turned around: a load warp streams k and v blocks, and each
+compute warpgroup owns 64 query rows (q, dO, LSE and Delta loaded once):
+
+    s   = q kᵀ,  dp = dO vᵀ                  both issued; wait for s only
+    p   = exp2(s · qk_scale − LSE · log2 e)    while dp runs
+    ds  = p ∘ (dp − Delta)
+    dQ += ds k                                 wait, release the slot
+    dQ  = scale · dQ at the end
+
+Grids: dK/dV (cdiv(seqlen_k, BLOCK_N), nheads_k, batch); dQ (cdiv(seqlen_q, BLOCK_M), nheads,
+batch), causal query blocks heaviest first.
 """
 
 from __future__ import annotations
@@ -37,15 +47,20 @@ from triton.experimental.gluon.language.nvidia import hopper as gh
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from flashtile.kernels import configs, hopper
-from flashtile.kernels.hopper import _row_descriptor
+from flashtile.kernels.hopper import _program_rows, _row_descriptor
 from flashtile.kernels.params import LOG2E
 
 # (BLOCK_M, BLOCK_N, STAGES) per head dim: BLOCK_N is two warpgroups of 64 keys (a wgmma's
 # rows), BLOCK_M the query rows of a step (docs/performance.md v7, H200).
 CONFIG = {64: (64, 128, 2), 128: (64, 128, 2)}
-# The shortest key length at which this pass beat backward.py's dK/dV in the same run, per
+# (BLOCK_M, BLOCK_N, STAGES) of the dQ pass: BLOCK_M two warpgroups of 64 query rows.
+CONFIG_DQ = {64: (128, 64, 2), 128: (128, 64, 2)}
+# Per pass, the shortest key length at which it beat backward.py's in the same run, per
 # (head dim, causal); below it backward.py's runs (`preferred`).
-MIN_SEQLEN_K = {(64, False): 1024, (64, True): 1024, (128, False): 1024, (128, True): 1024}
+MIN_SEQLEN_K = {
+    "dkdv": {(64, False): 4096, (64, True): 4096, (128, False): 1024, (128, True): 1024},
+    "dq": {(64, False): 4096, (64, True): 4096, (128, False): 1024, (128, True): 1024},
+}
 LOG2E_C = gl.constexpr(LOG2E)
 
 
@@ -224,19 +239,158 @@ def _attn_bwd_dkdv_hopper(
     ], [4, 1], [240, 24])
 
 
+@gluon.jit
+def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_ready,
+             kv_ready, kv_empty, start_m, n_blocks,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+             STAGES: gl.constexpr):
+    """The load warp: each warpgroup's half of q and dO once, then k_j and v_j into slot
+    j % STAGES once both warpgroups have released the block that held it."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    for h in gl.static_range(2):
+        mbarrier.expect(q_ready.index(h), 2 * HALF * HEAD_DIM * 2)
+        tma.async_copy_global_to_shared(q_desc, [start_m + h * HALF, 0], q_ready.index(h),
+                                        q_smem.index(h))
+        tma.async_copy_global_to_shared(do_desc, [start_m + h * HALF, 0], q_ready.index(h),
+                                        do_smem.index(h))
+    for j in range(n_blocks):
+        slot = j % STAGES
+        mbarrier.wait(kv_empty.index(slot), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
+        mbarrier.expect(kv_ready.index(slot), 2 * BLOCK_N * HEAD_DIM * 2)
+        tma.async_copy_global_to_shared(k_desc, [j * BLOCK_N, 0], kv_ready.index(slot),
+                                        k_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [j * BLOCK_N, 0], kv_ready.index(slot),
+                                        v_smem.index(slot))
+
+
+@gluon.jit
+def _dq_compute(h: gl.constexpr, dq_desc, LSE, Delta, q_smem, do_smem, k_smem, v_smem,
+                q_ready, kv_ready, kv_empty, start_m, n_blocks, seqlen_q, diag_offset,
+                qk_scale, softmax_scale,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """Compute warpgroup h: dQ of rows start_m + h·64 ... + 63 over the key blocks they see.
+    Keys past seqlen_k need no mask: their k and v rows load as zeros, so they add ds · 0."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)  # along this warpgroup's query rows
+    cols: gl.constexpr = gl.SliceLayout(0, s_layout)  # along the keys
+    q_s = q_smem.index(h)
+    do_s = do_smem.index(h)
+    my_m = start_m + h * HALF
+    offs_m = my_m + gl.arange(0, HALF, layout=rows)
+    lse = gl.load(LSE + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+    lse2 = gl.expand_dims(gl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C), 1)
+    delta = gl.expand_dims(gl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0), 1)
+    zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
+    dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_layout)
+    mbarrier.wait(q_ready.index(h), 0)
+    for j in range(n_blocks):
+        slot = j % STAGES
+        start_n = j * BLOCK_N
+        mbarrier.wait(kv_ready.index(slot), (j // STAGES) & 1)
+        k_s = k_smem.index(slot)
+        s = gh.warpgroup_mma(q_s, k_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp = gh.warpgroup_mma(do_s, v_smem.index(slot).permute((1, 0)), zero_s, use_acc=False,
+                              is_async=True)
+        s = gh.warpgroup_mma_wait(num_outstanding=1, deps=[s])
+        p = gl.exp2(s * qk_scale - lse2)
+        if CAUSAL:
+            # masked only where the block's last key lies right of the first row's diagonal
+            if start_n + BLOCK_N - 1 > my_m + diag_offset:
+                offs_n = start_n + gl.arange(0, BLOCK_N, layout=cols)
+                keep = gl.expand_dims(offs_n, 0) <= gl.expand_dims(offs_m + diag_offset, 1)
+                p = gl.where(keep, p, 0.0)
+        dp = gh.warpgroup_mma_wait(num_outstanding=0, deps=[dp])
+        ds = p * (dp - delta)
+        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+        dq = gh.warpgroup_mma(ds_op, k_s, dq, is_async=True)
+        dq, ds_op = gh.warpgroup_mma_wait(num_outstanding=0, deps=[dq, ds_op])
+        mbarrier.arrive(kv_empty.index(slot), count=1)
+    dq = dq * softmax_scale
+    # out through this warpgroup's own q buffer: every read of it is done
+    q_s.store(dq.to(dtype))
+    gh.fence_async_shared()
+    tma.async_copy_shared_to_global(dq_desc, [my_m, 0], q_s)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _attn_bwd_dq_hopper(
+    Q, K, V, dO, LSE, Delta, dQ,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_lb, stride_lh,
+    group, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_M // 2
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                rank=2)
+    # q and dQ copied HALF rows at a time, query blocks with the most keys first (causal)
+    start_m, off_b, off_h, q_desc, dq_desc, k_desc, v_desc = _program_rows(
+        Q, K, V, dQ, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh, stride_dqb, stride_dqm, stride_dqh,
+        group, seqlen_q, seqlen_k, HALF, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, layout)
+    do_desc = _row_descriptor(dO + off_b * stride_dob + off_h * stride_doh, seqlen_q,
+                              stride_dom, HALF, HEAD_DIM, layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for h in gl.static_range(2):
+        mbarrier.init(q_ready.index(h), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # one arrival per compute warpgroup
+    gh.fence_async_shared()
+
+    hi = seqlen_k  # causal: key blocks up to this query block's last diagonal
+    if CAUSAL:
+        hi = gl.minimum(seqlen_k, start_m + BLOCK_M + diag_offset)
+    n_blocks = gl.cdiv(hi, BLOCK_N)
+    LSE_bh = LSE + off_b * stride_lb + off_h * stride_lh
+    Delta_bh = Delta + off_b * stride_lb + off_h * stride_lh
+    gl.warp_specialize([
+        (_dq_compute, (0, dq_desc, LSE_bh, Delta_bh, q_smem, do_smem, k_smem, v_smem, q_ready,
+                       kv_ready, kv_empty, start_m, n_blocks, seqlen_q, diag_offset, qk_scale,
+                       softmax_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_dq_compute, (1, dq_desc, LSE_bh, Delta_bh, q_smem, do_smem, k_smem, v_smem, q_ready,
+                       kv_ready, kv_empty, start_m, n_blocks, seqlen_q, diag_offset, qk_scale,
+                       softmax_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+        (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_ready,
+                    kv_ready, kv_empty, start_m, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM,
+                    STAGES)),
+    ], [4, 1], [240, 24])
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and not any(
         s * t.element_size() % 16 for s in t.stride()[:-1])
 
 
-def preferred(q, k, v, do, dk, dv, opts) -> bool:
-    """Whether backward.py hands its dK/dV pass to this kernel: a call the Gluon forward
-    covers (hopper.supports), with dO, dK and dV TMA-ready as well, at key lengths where it
-    measured faster (MIN_SEQLEN_K)."""
+def preferred(pass_name: str, q, k, v, do, grads, opts) -> bool:
+    """Whether backward.py hands pass `pass_name` ("dkdv" or "dq", writing the tensors
+    `grads`) to this module: a call the Gluon forward covers (hopper.supports), with dO and
+    the gradients TMA-ready as well, at key lengths where the pass measured faster
+    (MIN_SEQLEN_K)."""
     head_dim = q.shape[-1]
-    if head_dim not in CONFIG or k.shape[1] < MIN_SEQLEN_K[head_dim, opts.causal]:
+    if head_dim not in CONFIG or k.shape[1] < MIN_SEQLEN_K[pass_name][head_dim, opts.causal]:
         return False
-    return hopper.supports(q, k, v, opts) and all(_tma_ready(t) for t in (do, dk, dv))
+    return hopper.supports(q, k, v, opts) and all(_tma_ready(t) for t in (do, *grads))
 
 
 def dkdv(q, k, v, do, lse, delta, dk, dv, opts, config: tuple[int, int, int] | None = None):
@@ -261,3 +415,24 @@ def dkdv(q, k, v, do, lse, delta, dk, dv, opts, config: tuple[int, int, int] | N
         CAUSAL=opts.causal, num_warps=4,
     )
     return dk, dv
+
+
+def dq(q, k, v, do, lse, delta, dq, opts, config: tuple[int, int, int] | None = None):
+    """Write dQ of a call that `hopper.supports` covers into dq (q's shape); arguments as
+    `dkdv`. config: (BLOCK_M, BLOCK_N, STAGES), CONFIG_DQ[head dim] by default."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    block_m, block_n, stages = config or CONFIG_DQ[head_dim]
+    triton.set_allocator(configs._tma_allocator)
+    grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)
+    _attn_bwd_dq_hopper[grid](
+        q, k, v, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1),
+        nheads // nheads_k, seqlen_q, seqlen_k, opts.diag_offset, opts.softmax_scale * LOG2E,
+        opts.softmax_scale,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        CAUSAL=opts.causal, num_warps=4,
+    )
+    return dq
