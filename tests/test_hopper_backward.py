@@ -35,7 +35,7 @@ CASES = [
 ]
 # per pass, the head dim's chosen config, then others: (BLOCK_M, BLOCK_N, STAGES)
 CONFIGS = {"dkdv": [None, (32, 128, 3), (64, 128, 3)],
-           "dq": [None, (128, 128, 2), (128, 64, 3)]}
+           "dq": [None, (128, 64, 2), (128, 64, 3)]}
 PASS_CONFIGS = [(name, config) for name, configs_ in CONFIGS.items() for config in configs_]
 
 
@@ -120,9 +120,13 @@ def _recording(monkeypatch) -> list:
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_func_with_the_gluon_backward(causal, head_dim, monkeypatch):
-    """Every output and gradient of a call whose backward passes both run in Gluon (keys past
-    MIN_SEQLEN_K), with the Gluon forward's O and LSE where it takes that path too."""
+    """Every output and gradient of a call whose backward passes both run in Gluon (the
+    thresholds lowered to 1024 keys for every pass), with the Gluon forward's O and LSE where
+    it takes that path too."""
     monkeypatch.setitem(configs.features, "gluon_backward", True)
+    monkeypatch.setattr(hopper_backward, "MIN_SEQLEN_K", {
+        name: dict.fromkeys(thresholds, 1024)
+        for name, thresholds in hopper_backward.MIN_SEQLEN_K.items()})
     calls = _recording(monkeypatch)
     q, k, v = random_qkv(1, 700, 4200, 4, head_dim, torch.bfloat16, nheads_k=2)
     dout = torch.randn_like(q)
@@ -158,7 +162,9 @@ def test_preferred_follows_the_measured_thresholds(pass_name, head_dim, causal, 
     monkeypatch.setattr(hopper_backward, "_tma_ready", lambda t: True)
     threshold = hopper_backward.MIN_SEQLEN_K[pass_name][head_dim, causal]
     q = torch.empty(1, 512, 1, head_dim)
-    for seqlen_k, taken in ((threshold, True), (threshold - 1, False)):
+    lengths = [(1 << 17, False)] if threshold is None else [(threshold, True),
+                                                             (threshold - 1, False)]
+    for seqlen_k, taken in lengths:
         k = torch.empty(1, seqlen_k, 1, head_dim)
         opts = AttnOptions(softmax_scale=0.1, diag_offset=seqlen_k - 512,
                            window_right=0 if causal else -1)

@@ -50,16 +50,18 @@ from flashtile.kernels import configs, hopper
 from flashtile.kernels.hopper import _program_rows, _row_descriptor
 from flashtile.kernels.params import LOG2E
 
-# (BLOCK_M, BLOCK_N, STAGES) per head dim: BLOCK_N is two warpgroups of 64 keys (a wgmma's
-# rows), BLOCK_M the query rows of a step (docs/performance.md v7, H200).
+# (BLOCK_M, BLOCK_N, STAGES) per head dim, measured fastest on an H200 (docs/performance.md
+# v7). dK/dV: BLOCK_N is two warpgroups of 64 keys (a wgmma's rows), BLOCK_M the query rows of
+# a step. dQ: BLOCK_M is two warpgroups of 64 query rows, BLOCK_N the keys of a step.
 CONFIG = {64: (64, 128, 2), 128: (64, 128, 2)}
-# (BLOCK_M, BLOCK_N, STAGES) of the dQ pass: BLOCK_M two warpgroups of 64 query rows.
-CONFIG_DQ = {64: (128, 64, 2), 128: (128, 64, 2)}
-# Per pass, the shortest key length at which it beat backward.py's in the same run, per
-# (head dim, causal); below it backward.py's runs (`preferred`).
+CONFIG_DQ = {64: (128, 128, 2), 128: (128, 128, 2)}
+# Per pass and (head dim, causal), the shortest key length from which the pass beat
+# backward.py's in the same run; None where it never did. Below it backward.py's pass runs
+# (`preferred`). dK/dV at D 64 non-causal: 0.97-1.07x at 4096 keys, 1.11x at 16384; dQ at D 64:
+# 0.87-0.89x at 4096; dQ at D 128 measured from 4096 keys only.
 MIN_SEQLEN_K = {
-    "dkdv": {(64, False): 4096, (64, True): 4096, (128, False): 1024, (128, True): 1024},
-    "dq": {(64, False): 4096, (64, True): 4096, (128, False): 1024, (128, True): 1024},
+    "dkdv": {(64, False): 8192, (64, True): 4096, (128, False): 1024, (128, True): 1024},
+    "dq": {(64, False): None, (64, True): None, (128, False): 4096, (128, True): 4096},
 }
 LOG2E_C = gl.constexpr(LOG2E)
 
@@ -388,7 +390,8 @@ def preferred(pass_name: str, q, k, v, do, grads, opts) -> bool:
     the gradients TMA-ready as well, at key lengths where the pass measured faster
     (MIN_SEQLEN_K)."""
     head_dim = q.shape[-1]
-    if head_dim not in CONFIG or k.shape[1] < MIN_SEQLEN_K[pass_name][head_dim, opts.causal]:
+    threshold = MIN_SEQLEN_K[pass_name].get((head_dim, opts.causal))
+    if threshold is None or k.shape[1] < threshold:
         return False
     return hopper.supports(q, k, v, opts) and all(_tma_ready(t) for t in (do, *grads))
 
