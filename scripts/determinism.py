@@ -7,8 +7,8 @@ For each case the first backward pass runs alone; then the filler process alloca
 the memory left free and, once it holds it, every further pass is compared with the first bit
 for bit (dq, dk, dv), allocating its outputs under that pressure. Prints one line per case and
 exits 1 on any difference. Cases: causal grouped-query bfloat16 (flash_attn_func), a ragged
-packed batch with dropout (flash_attn_varlen_func, the same seed each pass), and a document
-mask (mask_mod).
+packed batch with dropout (flash_attn_varlen_func, the same seed each pass), a document mask
+(mask_mod), and causal grouped-query at a length where Hopper runs the Gluon kernels.
 """
 
 from __future__ import annotations
@@ -60,8 +60,17 @@ def document_mask():
                                                                 mask_mod=mask)
 
 
+def gluon_causal_gqa():
+    """causal_gqa with 4,224 keys: on Hopper every pass runs a Gluon kernel (the forward of
+    kernels/hopper.py, both passes of kernels/hopper_backward.py)."""
+    q = torch.randn(1, 4224, 16, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 4224, 4, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    return (q, k, v), lambda q, k, v: flashtile.flash_attn_func(q, k, v, causal=True)
+
+
 CASES = {"causal_gqa": causal_gqa, "varlen_dropout": varlen_dropout,
-         "document_mask": document_mask}
+         "document_mask": document_mask, "gluon_causal_gqa": gluon_causal_gqa}
 
 
 def filler(fraction: float, busy: bool) -> None:

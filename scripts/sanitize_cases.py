@@ -7,7 +7,8 @@ Each case prints "@@ case NAME start" and, after torch.cuda.synchronize() (so th
 sanitizer's reports of its kernels come before the next marker), "@@ case NAME done"; sanitize.py
 attributes reports to cases by these markers. Lengths are not multiples of any block size, and
 seqlen_q != seqlen_k both ways, so every kernel runs its masked edge tiles. It also runs on the
-CPU, through the Triton interpreter (without a sanitizer), as a quick check of the cases.
+CPU, through the Triton interpreter (without a sanitizer), as a quick check of the cases (the
+gluon_* cases there run the Triton kernels, slowly).
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ CASES = {
     "kvcache_paged_tma_split": kvcache(paged=True, num_splits=3, page=128),
     "kvcache_contiguous_split": kvcache(paged=False, num_splits=2),
     "sdpa": sdpa,
+    # long enough for the Gluon kernels on Hopper (hopper.MIN_SEQLEN_K,
+    # hopper_backward.MIN_SEQLEN_K): the warp-specialized forward and both Gluon backward passes
+    # at D 128, the pipelined forward and the Gluon dK/dV at D 64
+    "gluon_d128_causal": dense(head_dim=128, causal=True, seqlen_q=1100, seqlen_k=4200),
+    "gluon_d128": dense(head_dim=128, seqlen_q=1100, seqlen_k=4200),
+    "gluon_d64": dense(head_dim=64, seqlen_q=300, seqlen_k=8300),
 }
 
 
