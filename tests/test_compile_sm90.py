@@ -21,7 +21,7 @@ def test_kernels_compile_for_sm90(variant):
     assert f"{variant} compiled for sm_90: _attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq" in run.stdout
 
 
-def test_gluon_forward_compiles_for_sm90():
+def test_gluon_kernels_compile_for_sm90():
     """kernels/hopper.py and hopper_backward.py, which the interpreter cannot run: at least
     they must compile."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
