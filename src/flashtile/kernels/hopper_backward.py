@@ -76,13 +76,13 @@ def _dkdv_load(Q, dO, stride_qm, stride_qh, stride_dom, stride_doh, off_h0, grou
     of every query head of the group, each into the next ring slot once both warpgroups have
     released it."""
     HALF: gl.constexpr = BLOCK_N // 2
-    mbarrier.expect(kv_ready, 2 * BLOCK_N * HEAD_DIM * k_smem.dtype.primitive_bitwidth // 8)
+    mbarrier.expect(kv_ready, 2 * BLOCK_N * HEAD_DIM * 2)  # k and v, 16-bit elements
     for h in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [start_n + h * HALF, 0], kv_ready,
                                         k_smem.index(h))
         tma.async_copy_global_to_shared(v_desc, [start_n + h * HALF, 0], kv_ready,
                                         v_smem.index(h))
-    nbytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * q_smem.dtype.primitive_bitwidth // 8
+    nbytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2  # q and dO, 16-bit elements
     layout: gl.constexpr = q_smem.type.layout
     it = 0
     for g in range(group):
