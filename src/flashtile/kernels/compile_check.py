@@ -116,19 +116,19 @@ def compile_variant(name: str) -> list[str]:
 
 
 def compile_hopper(head_dim: int, causal: bool, ws: bool, config=None,
-                   as_launched: bool = False):
+                   as_launched: bool = False, varlen: bool = False):
     """A Gluon forward of kernels/hopper.py (the warp-specialized one with ws) for bf16, at
     `config` (BLOCK_M, BLOCK_N, STAGES, num_warps) or the head dim's chosen one."""
     block_m, block_n, stages, warps = config or hopper.CHOICE[head_dim][1]
     warps = 4 if ws else warps
     flags = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                 CAUSAL=causal, num_warps=warps)
+                 CAUSAL=causal, VARLEN=varlen, num_warps=warps)
     fn = hopper._attn_fwd_hopper_ws if ws else hopper._attn_fwd_hopper
     return compile_kernel(fn, flags, warps, 1, "bf16", as_launched)
 
 
 def compile_hopper_backward(pass_name: str, head_dim: int, causal: bool, config=None,
-                            as_launched: bool = False):
+                            as_launched: bool = False, varlen: bool = False):
     """A Gluon pass of kernels/hopper_backward.py ("dkdv" or "dq") for bf16, at `config`
     (BLOCK_M, BLOCK_N, STAGES) or the head dim's chosen one."""
     fn, chosen = {
@@ -137,7 +137,7 @@ def compile_hopper_backward(pass_name: str, head_dim: int, causal: bool, config=
     }[pass_name]
     block_m, block_n, stages = config or chosen[head_dim]
     flags = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                 CAUSAL=causal)
+                 CAUSAL=causal, VARLEN=varlen)
     return compile_kernel(fn, flags, 4, 1, "bf16", as_launched)
 
 
@@ -152,14 +152,17 @@ def main(argv: list[str]) -> int:
                 for causal in (False, True):
                     for ws in (False, True):
                         compile_hopper(head_dim, causal, ws)
+                        compile_hopper(head_dim, causal, ws, varlen=True)
             print("hopper compiled for sm_90: _attn_fwd_hopper, _attn_fwd_hopper_ws, head dims",
-                  sorted(hopper.CHOICE), "causal and not", flush=True)
+                  sorted(hopper.CHOICE), "causal and not, dense and varlen", flush=True)
             for head_dim in sorted(hopper_backward.CONFIG):
                 for causal in (False, True):
-                    compile_hopper_backward("dkdv", head_dim, causal)
-                    compile_hopper_backward("dq", head_dim, causal)
+                    for varlen in (False, True):
+                        compile_hopper_backward("dkdv", head_dim, causal, varlen=varlen)
+                        compile_hopper_backward("dq", head_dim, causal, varlen=varlen)
             print("hopper compiled for sm_90: _attn_bwd_dkdv_hopper, _attn_bwd_dq_hopper,",
-                  "head dims", sorted(hopper_backward.CONFIG), "causal and not", flush=True)
+                  "head dims", sorted(hopper_backward.CONFIG), "causal and not, dense and varlen",
+                  flush=True)
         else:
             print(name, "compiled for sm_90:", ", ".join(compile_variant(name)), flush=True)
     return 0

@@ -265,9 +265,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 # - gluon_forward: the dense forward through kernels/hopper.py on Hopper GPUs, where it
 #   measured faster (v6: up to 1.2x the Triton forward at D 128);
 # - gluon_backward: the dense backward's passes through kernels/hopper_backward.py on Hopper
-#   GPUs, each where it measured faster (v7).
+#   GPUs, each where it measured faster (v7);
+# - gluon_varlen: packed batches (one cu_seqlens for queries and keys) through the Gluon
+#   kernels too; off until it has run on a GPU (v7).
 features = {"tma_forward": True, "tma_backward": False, "tma_paged": False,
-            "overlap_dq": True, "gluon_forward": True, "gluon_backward": True}
+            "overlap_dq": True, "gluon_forward": True, "gluon_backward": True,
+            "gluon_varlen": False}
 
 
 def _tma_allocator(size: int, alignment: int, stream):

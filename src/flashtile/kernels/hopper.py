@@ -20,16 +20,20 @@ Two kernels run that loop:
   the slot; nothing holds the warpgroups in step, so one's softmax runs beside the other's
   wgmmas. CHOICE says which one a head dim takes.
 
-This path covers the dense forward only: (B, N, H, D) tensors with a unit head-dim stride and
+This path covers the dense forward: (B, N, H, D) tensors with a unit head-dim stride and
 16-byte aligned rows, float16 or bfloat16, D in {64, 128}, softmax_scale > 0, no window but
-causal, no softcap, ALiBi, dropout, mask predicate, varlen or KV cache, and with causal
-seqlen_q <= seqlen_k (every row sees key 0). `supports` says whether a call is covered,
+causal, no softcap, ALiBi, dropout, mask predicate or KV cache, and with causal
+seqlen_q <= seqlen_k (every row sees key 0). Packed batches (VARLEN: each program finds its
+sequence's rows from the cumulative lengths, its descriptors end where the sequence ends) only
+with the gluon_varlen feature, off until measured, and one cumulative-lengths tensor for both
+queries and keys (`varlen_covered`). `supports` says whether a call is covered,
 `preferred` whether it is one where this path measured faster; everything else takes
 forward.py. It does not run in Triton's interpreter: forward.py is the
 reference it is tested against, on the GPU (tests/test_hopper.py).
 
 Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), causal query blocks heaviest first, as in
-forward.py. Names follow forward.py: s scores (raw q kᵀ here; scaled inside the exp2),
+forward.py (with varlen, seqlen_q the longest sequence's; programs past their own end exit).
+Names follow forward.py: s scores (raw q kᵀ here; scaled inside the exp2),
 m_i running max (scaled, log2 units), l_i running sum, acc unnormalized output.
 """
 
@@ -89,32 +93,52 @@ def _row_descriptor(base, n_rows, stride_r, BLOCK: gl.constexpr, HEAD_DIM: gl.co
 
 
 @gluon.jit
-def _program_rows(Q, K, V, O,
-                  stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-                  stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
-                  group, seqlen_q, seqlen_k,
-                  Q_ROWS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, layout: gl.constexpr):
+def _program_ids(BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
     """This program's first query row (causal: the query blocks with the most keys first),
-    batch entry and head, and TMA descriptors over its (batch, head)'s rows of q and O
-    (Q_ROWS a copy) and of k and v (BLOCK_N a copy): the copy engine zero-fills rows past the
-    end on loads and drops them on stores."""
+    head and batch entry."""
     pid_m = gl.program_id(0)
     if CAUSAL:
         pid_m = gl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    off_h = gl.program_id(1).to(gl.int64)
-    off_b = gl.program_id(2).to(gl.int64)
+    return pid_m * BLOCK_M, gl.program_id(1).to(gl.int64), gl.program_id(2).to(gl.int64)
+
+
+@gluon.jit
+def _sequence(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN: gl.constexpr):
+    """Where batch entry off_b's rows start in the packed tensors, its lengths and its
+    diagonal, as common.seq_bounds: with VARLEN from the cumulative lengths (each sequence's own
+    bottom-right diagonal), otherwise rows from 0 and the arguments passed through."""
+    if VARLEN:
+        q_start = gl.load(CuSeqQ + off_b).to(gl.int64)
+        k_start = gl.load(CuSeqK + off_b).to(gl.int64)
+        seqlen_q = (gl.load(CuSeqQ + off_b + 1) - q_start).to(gl.int32)
+        seqlen_k = (gl.load(CuSeqK + off_b + 1) - k_start).to(gl.int32)
+        diag_offset = seqlen_k - seqlen_q
+    else:
+        q_start = 0
+        k_start = 0
+    return q_start, k_start, seqlen_q, seqlen_k, diag_offset
+
+
+@gluon.jit
+def _program_rows(Q, K, V, O,
+                  stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                  stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+                  off_b, off_h, q_start, k_start, group, seqlen_q, seqlen_k,
+                  Q_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  layout: gl.constexpr):
+    """TMA descriptors over the rows of q and O (Q_ROWS a copy) of (batch, head) from
+    q_start, and over those of k and v (BLOCK_N a copy) of its key/value head from k_start:
+    the copy engine zero-fills rows past the end on loads and drops them on stores."""
     off_hk = off_h // group
-    q_desc = _row_descriptor(Q + off_b * stride_qb + off_h * stride_qh, seqlen_q, stride_qm,
-                             Q_ROWS, HEAD_DIM, layout)
-    o_desc = _row_descriptor(O + off_b * stride_ob + off_h * stride_oh, seqlen_q, stride_om,
-                             Q_ROWS, HEAD_DIM, layout)
-    k_desc = _row_descriptor(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
-                             BLOCK_N, HEAD_DIM, layout)
-    v_desc = _row_descriptor(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
-                             BLOCK_N, HEAD_DIM, layout)
-    return start_m, off_b, off_h, q_desc, o_desc, k_desc, v_desc
+    q_desc = _row_descriptor(Q + off_b * stride_qb + q_start * stride_qm + off_h * stride_qh,
+                             seqlen_q, stride_qm, Q_ROWS, HEAD_DIM, layout)
+    o_desc = _row_descriptor(O + off_b * stride_ob + q_start * stride_om + off_h * stride_oh,
+                             seqlen_q, stride_om, Q_ROWS, HEAD_DIM, layout)
+    k_desc = _row_descriptor(K + off_b * stride_kb + k_start * stride_kn + off_hk * stride_kh,
+                             seqlen_k, stride_kn, BLOCK_N, HEAD_DIM, layout)
+    v_desc = _row_descriptor(V + off_b * stride_vb + k_start * stride_vn + off_hk * stride_vh,
+                             seqlen_k, stride_vn, BLOCK_N, HEAD_DIM, layout)
+    return q_desc, o_desc, k_desc, v_desc
 
 
 @gluon.jit
@@ -250,7 +274,7 @@ def _attend(q_s, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_d
 
 @gluon.jit
 def _attn_fwd_hopper(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -258,7 +282,8 @@ def _attn_fwd_hopper(
     stride_lb, stride_lh,
     group, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     # -- the row layouts of _attend's accumulators, for the epilogue --
@@ -271,10 +296,17 @@ def _attn_fwd_hopper(
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
                                                      element_bitwidth=16, rank=2)
 
-    start_m, off_b, off_h, q_desc, o_desc, k_desc, v_desc = _program_rows(
+    start_m, off_h, off_b = _program_ids(BLOCK_M, CAUSAL)
+    q_start, k_start, seqlen_q, seqlen_k, diag_offset = _sequence(
+        CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
+    if VARLEN:  # the grid covers the longest sequence: past this one's end, nothing to do
+        if start_m >= seqlen_q:
+            return
+    q_desc, o_desc, k_desc, v_desc = _program_rows(
         Q, K, V, O, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
         stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
-        group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, smem_layout)
+        off_b, off_h, q_start, k_start, group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, HEAD_DIM,
+        smem_layout)
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
@@ -317,8 +349,9 @@ def _attn_fwd_hopper(
         mbarrier.invalidate(v_bars.index(i))
 
     # -- epilogue: O through q's buffer, once both warpgroups' last q kᵀ is done --
-    _write_output(acc, m_i, l_i, q_smem, o_desc, LSE + off_b * stride_lb + off_h * stride_lh,
-                  start_m, seqlen_q, BLOCK_M, True, row_s, row_o)
+    _write_output(acc, m_i, l_i, q_smem, o_desc,
+                  LSE + off_b * stride_lb + off_h * stride_lh + q_start, start_m, seqlen_q,
+                  BLOCK_M, True, row_s, row_o)
 
 
 @gluon.jit
@@ -376,7 +409,7 @@ def _ws_compute(h: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_
 
 @gluon.jit
 def _attn_fwd_hopper_ws(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -384,7 +417,8 @@ def _attn_fwd_hopper_ws(
     stride_lb, stride_lh,
     group, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """_attn_fwd_hopper warp-specialized: a load warp issues the TMA copies, and each of two
     warpgroups (the default partition and a worker, num_warps = 4) owns half of the query
@@ -393,10 +427,17 @@ def _attn_fwd_hopper_ws(
     HALF: gl.constexpr = BLOCK_M // 2
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
                                                      element_bitwidth=16, rank=2)
-    start_m, off_b, off_h, q_desc, o_desc, k_desc, v_desc = _program_rows(
+    start_m, off_h, off_b = _program_ids(BLOCK_M, CAUSAL)
+    q_start, k_start, seqlen_q, seqlen_k, diag_offset = _sequence(
+        CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
+    if VARLEN:  # the grid covers the longest sequence: past this one's end, nothing to do
+        if start_m >= seqlen_q:
+            return
+    q_desc, o_desc, k_desc, v_desc = _program_rows(
         Q, K, V, O, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
         stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
-        group, seqlen_q, seqlen_k, HALF, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, smem_layout)
+        off_b, off_h, q_start, k_start, group, seqlen_q, seqlen_k, HALF, BLOCK_N, HEAD_DIM,
+        smem_layout)
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], smem_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
@@ -418,7 +459,7 @@ def _attn_fwd_hopper_ws(
     if CAUSAL:
         hi = gl.minimum(seqlen_k, start_m + BLOCK_M + diag_offset)
     n_blocks = gl.cdiv(hi, BLOCK_N)
-    LSE_bh = LSE + off_b * stride_lb + off_h * stride_lh
+    LSE_bh = LSE + off_b * stride_lb + off_h * stride_lh + q_start
     gl.warp_specialize([
         (_ws_compute, (0, o_desc, LSE_bh, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
                        k_empty, v_empty, start_m, n_blocks, seqlen_q, seqlen_k, diag_offset,
@@ -437,7 +478,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts) -> bool:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in CHOICE:
         return False
-    if opts.varlen is not None or opts.kvcache is not None or opts.mask_mod is not None:
+    if opts.kvcache is not None or opts.mask_mod is not None:
+        return False
+    if opts.varlen is not None and not varlen_covered(opts):
         return False
     if (opts.softcap > 0 or opts.alibi_slopes is not None or opts.dropout_p > 0
             or opts.softmax_scale <= 0):
@@ -453,13 +496,25 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts) -> bool:
     return q.shape[1] > 0 and k.shape[1] > 0
 
 
+def varlen_covered(opts) -> bool:
+    """A packed batch (flash_attn_varlen_func) the Gluon kernels take: with the gluon_varlen
+    feature on, and the same cumulative lengths for queries and keys (one tensor, so every
+    sequence has as many keys as queries and no row sees nothing; known without reading the
+    lengths on the host)."""
+    cu_q, cu_k = opts.varlen[0], opts.varlen[1]
+    return configs.features["gluon_varlen"] and (
+        cu_q is cu_k or (cu_q.data_ptr() == cu_k.data_ptr() and cu_q.shape == cu_k.shape))
+
+
 def preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts) -> bool:
     """Whether the forward takes this path: a covered call of the lengths where it measured
-    faster than forward.py (MIN_SEQLEN_K), with at least one whole query block."""
+    faster than forward.py (MIN_SEQLEN_K), with at least one whole query block (with varlen,
+    the longest sequence's lengths decide)."""
     head_dim = q.shape[-1]
-    if head_dim not in CHOICE or q.shape[1] < CHOICE[head_dim][1][0]:
+    _, seqlen_q, seqlen_k = opts.problem(q, k)
+    if head_dim not in CHOICE or seqlen_q < CHOICE[head_dim][1][0]:
         return False
-    return k.shape[1] >= MIN_SEQLEN_K[head_dim, opts.causal] and supports(q, k, v, opts)
+    return seqlen_k >= MIN_SEQLEN_K[head_dim, opts.causal] and supports(q, k, v, opts)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts,
@@ -467,29 +522,30 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts,
                       out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
                       ws: bool | None = None):
     """The forward of a supported call: out (B, Nq, H, D) in q's dtype and layout, lse
-    (B, H, Nq) float32, natural log, as forward.attention_forward returns them.
+    (B, H, Nq) float32, natural log, as forward.attention_forward returns them (with varlen
+    (1, total_q, H, D) and (1, H, total_q)).
     ws: the warp-specialized kernel or the pipelined one; config: (BLOCK_M, BLOCK_N, STAGES,
     num_warps; the warp-specialized kernel runs 4 + 4 + 1 warps whatever it says); both default
     to CHOICE[head dim]. out, lse: buffers to write (tests pass poisoned ones), else new."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    nheads, head_dim, nheads_k = q.shape[2], q.shape[3], k.shape[2]
+    batch, seqlen_q, seqlen_k = opts.problem(q, k)  # with varlen: entries, longest lengths
     chosen_ws, chosen_config = CHOICE[head_dim]
     ws = chosen_ws if ws is None else ws
     block_m, block_n, stages, warps = config or chosen_config
     out = torch.empty_like(q) if out is None else out
-    if lse is None:
-        lse = torch.empty(batch, nheads, seqlen_q, device=q.device, dtype=torch.float32)
+    if lse is None:  # (B, H, Nq); with varlen (1, H, total_q)
+        lse = torch.empty(q.shape[0], nheads, q.shape[1], device=q.device, dtype=torch.float32)
+    cu_q, cu_k = opts.cu_seqlens(lse)
     triton.set_allocator(configs._tma_allocator)  # for the descriptors made in the kernel
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)
     kernel = _attn_fwd_hopper_ws if ws else _attn_fwd_hopper
     kernel[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
+        q, k, v, out, lse, cu_q, cu_k,
+        *opts.strides(q)[:3], *opts.strides(k)[:3], *opts.strides(v)[:3],
+        *opts.strides(out)[:3], opts.strides(lse)[0], lse.stride(1),
         nheads // nheads_k, seqlen_q, seqlen_k, opts.diag_offset,
         opts.softmax_scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        CAUSAL=opts.causal, num_warps=4 if ws else warps,
+        CAUSAL=opts.causal, VARLEN=opts.varlen is not None, num_warps=4 if ws else warps,
     )
     return out, lse

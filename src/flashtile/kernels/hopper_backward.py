@@ -20,8 +20,9 @@ head's group in turn and sums their gradients, as backward.py does; it is the so
 its dK, dV rows, so there are no atomics and repeated runs are bitwise equal.
 
 Coverage is the Gluon forward's (`hopper.supports`): dense (B, N, H, D) float16/bfloat16 with
-D in {64, 128}, causal or not, no window, softcap, ALiBi, dropout, mask predicate, varlen or KV
-cache. It does not run in Triton's interpreter: backward.py is the reference it is tested
+D in {64, 128}, causal or not, no window, softcap, ALiBi, dropout, mask predicate or KV cache;
+packed batches (VARLEN) only as the forward takes them (`hopper.varlen_covered`).
+It does not run in Triton's interpreter: backward.py is the reference it is tested
 against, on the GPU (tests/test_hopper_backward.py).
 
 The dQ pass is the same machine turned around: a load warp streams k and v blocks, and each
@@ -34,7 +35,8 @@ compute warpgroup owns 64 query rows (q, dO, LSE and Delta loaded once):
     dQ  = scale · dQ at the end
 
 Grids: dK/dV (cdiv(seqlen_k, BLOCK_N), nheads_k, batch); dQ (cdiv(seqlen_q, BLOCK_M), nheads,
-batch), causal query blocks heaviest first.
+batch), causal query blocks heaviest first; with varlen the longest sequence's lengths, and
+programs past their own sequence's end exit.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from triton.experimental.gluon.language.nvidia import hopper as gh
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from flashtile.kernels import configs, hopper
-from flashtile.kernels.hopper import _program_rows, _row_descriptor
+from flashtile.kernels.hopper import _program_ids, _program_rows, _row_descriptor, _sequence
 from flashtile.kernels.params import LOG2E
 
 # (BLOCK_M, BLOCK_N, STAGES) per head dim, measured fastest on an H200 (docs/performance.md
@@ -178,7 +180,7 @@ def _dkdv_compute(h: gl.constexpr, dk_desc, dv_desc, LSE, Delta, stride_lh, off_
 
 @gluon.jit
 def _attn_bwd_dkdv_hopper(
-    Q, K, V, dO, LSE, Delta, dK, dV,
+    Q, K, V, dO, LSE, Delta, dK, dV, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -188,7 +190,7 @@ def _attn_bwd_dkdv_hopper(
     stride_lb, stride_lh,
     group, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
@@ -198,14 +200,21 @@ def _attn_bwd_dkdv_hopper(
     off_hk = gl.program_id(1).to(gl.int64)
     off_h0 = off_hk * group  # the group's first query head
     off_b = gl.program_id(2).to(gl.int64)
-    k_desc = _row_descriptor(K + off_b * stride_kb + off_hk * stride_kh, seqlen_k, stride_kn,
-                             HALF, HEAD_DIM, layout)
-    v_desc = _row_descriptor(V + off_b * stride_vb + off_hk * stride_vh, seqlen_k, stride_vn,
-                             HALF, HEAD_DIM, layout)
-    dk_desc = _row_descriptor(dK + off_b * stride_dkb + off_hk * stride_dkh, seqlen_k,
-                              stride_dkn, HALF, HEAD_DIM, layout)
-    dv_desc = _row_descriptor(dV + off_b * stride_dvb + off_hk * stride_dvh, seqlen_k,
-                              stride_dvn, HALF, HEAD_DIM, layout)
+    q_start, k_start, seqlen_q, seqlen_k, diag_offset = _sequence(
+        CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
+    if VARLEN:  # the grid covers the longest sequence: past this one's end, nothing to do
+        if start_n >= seqlen_k:
+            return
+    k_desc = _row_descriptor(K + off_b * stride_kb + k_start * stride_kn + off_hk * stride_kh,
+                             seqlen_k, stride_kn, HALF, HEAD_DIM, layout)
+    v_desc = _row_descriptor(V + off_b * stride_vb + k_start * stride_vn + off_hk * stride_vh,
+                             seqlen_k, stride_vn, HALF, HEAD_DIM, layout)
+    dk_desc = _row_descriptor(
+        dK + off_b * stride_dkb + k_start * stride_dkn + off_hk * stride_dkh, seqlen_k,
+        stride_dkn, HALF, HEAD_DIM, layout)
+    dv_desc = _row_descriptor(
+        dV + off_b * stride_dvb + k_start * stride_dvn + off_hk * stride_dvh, seqlen_k,
+        stride_dvn, HALF, HEAD_DIM, layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], layout)
@@ -223,8 +232,8 @@ def _attn_bwd_dkdv_hopper(
     if CAUSAL:  # the first query block with a row that sees this program's first key
         m_lo = gl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
     n_mblocks = gl.cdiv(seqlen_q - m_lo, BLOCK_M)
-    LSE_b = LSE + off_b * stride_lb
-    Delta_b = Delta + off_b * stride_lb
+    LSE_b = LSE + off_b * stride_lb + q_start
+    Delta_b = Delta + off_b * stride_lb + q_start
     gl.warp_specialize([
         (_dkdv_compute, (0, dk_desc, dv_desc, LSE_b, Delta_b, stride_lh, off_h0, group,
                          q_smem, do_smem, k_smem, v_smem, kv_ready, ready, empty, start_n, m_lo,
@@ -234,7 +243,8 @@ def _attn_bwd_dkdv_hopper(
                          q_smem, do_smem, k_smem, v_smem, kv_ready, ready, empty, start_n, m_lo,
                          n_mblocks, seqlen_q, diag_offset, qk_scale, softmax_scale,
                          BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
-        (_dkdv_load, (Q + off_b * stride_qb, dO + off_b * stride_dob, stride_qm, stride_qh,
+        (_dkdv_load, (Q + off_b * stride_qb + q_start * stride_qm,
+                      dO + off_b * stride_dob + q_start * stride_dom, stride_qm, stride_qh,
                       stride_dom, stride_doh, off_h0, group, seqlen_q, k_desc, v_desc, q_smem,
                       do_smem, k_smem, v_smem, kv_ready, ready, empty, start_n, m_lo,
                       n_mblocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
@@ -324,7 +334,7 @@ def _dq_compute(h: gl.constexpr, dq_desc, LSE, Delta, q_smem, do_smem, k_smem, v
 
 @gluon.jit
 def _attn_bwd_dq_hopper(
-    Q, K, V, dO, LSE, Delta, dQ,
+    Q, K, V, dO, LSE, Delta, dQ, CuSeqQ, CuSeqK,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -333,19 +343,27 @@ def _attn_bwd_dq_hopper(
     stride_lb, stride_lh,
     group, seqlen_q, seqlen_k, diag_offset, qk_scale, softmax_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                 rank=2)
-    # q and dQ copied HALF rows at a time, query blocks with the most keys first (causal)
-    start_m, off_b, off_h, q_desc, dq_desc, k_desc, v_desc = _program_rows(
+    # query blocks with the most keys first (causal); q, dO and dQ copied HALF rows at a time
+    start_m, off_h, off_b = _program_ids(BLOCK_M, CAUSAL)
+    q_start, k_start, seqlen_q, seqlen_k, diag_offset = _sequence(
+        CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, diag_offset, VARLEN)
+    if VARLEN:  # the grid covers the longest sequence: past this one's end, nothing to do
+        if start_m >= seqlen_q:
+            return
+    q_desc, dq_desc, k_desc, v_desc = _program_rows(
         Q, K, V, dQ, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
         stride_vb, stride_vn, stride_vh, stride_dqb, stride_dqm, stride_dqh,
-        group, seqlen_q, seqlen_k, HALF, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, layout)
-    do_desc = _row_descriptor(dO + off_b * stride_dob + off_h * stride_doh, seqlen_q,
-                              stride_dom, HALF, HEAD_DIM, layout)
+        off_b, off_h, q_start, k_start, group, seqlen_q, seqlen_k, HALF, BLOCK_N, HEAD_DIM,
+        layout)
+    do_desc = _row_descriptor(
+        dO + off_b * stride_dob + q_start * stride_dom + off_h * stride_doh, seqlen_q,
+        stride_dom, HALF, HEAD_DIM, layout)
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], layout)
     do_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], layout)
@@ -364,8 +382,8 @@ def _attn_bwd_dq_hopper(
     if CAUSAL:
         hi = gl.minimum(seqlen_k, start_m + BLOCK_M + diag_offset)
     n_blocks = gl.cdiv(hi, BLOCK_N)
-    LSE_bh = LSE + off_b * stride_lb + off_h * stride_lh
-    Delta_bh = Delta + off_b * stride_lb + off_h * stride_lh
+    LSE_bh = LSE + off_b * stride_lb + off_h * stride_lh + q_start
+    Delta_bh = Delta + off_b * stride_lb + off_h * stride_lh + q_start
     gl.warp_specialize([
         (_dq_compute, (0, dq_desc, LSE_bh, Delta_bh, q_smem, do_smem, k_smem, v_smem, q_ready,
                        kv_ready, kv_empty, start_m, n_blocks, seqlen_q, diag_offset, qk_scale,
@@ -391,7 +409,7 @@ def preferred(pass_name: str, q, k, v, do, grads, opts) -> bool:
     (MIN_SEQLEN_K)."""
     head_dim = q.shape[-1]
     threshold = MIN_SEQLEN_K[pass_name].get((head_dim, opts.causal))
-    if threshold is None or k.shape[1] < threshold:
+    if threshold is None or opts.problem(q, k)[2] < threshold:  # varlen: the longest keys
         return False
     return hopper.supports(q, k, v, opts) and all(_tma_ready(t) for t in (do, *grads))
 
@@ -399,23 +417,23 @@ def preferred(pass_name: str, q, k, v, do, grads, opts) -> bool:
 def dkdv(q, k, v, do, lse, delta, dk, dv, opts, config: tuple[int, int, int] | None = None):
     """Write dK, dV of a call that `hopper.supports` covers into dk, dv (k's and v's shapes):
     q, k, v, do (B, N, H, D); lse, delta (B, H, Nq) float32 with rows at unit stride, lse in
-    natural log as the forward returns it, delta = rowsum(dO ∘ O). config: (BLOCK_M, BLOCK_N,
-    STAGES), CONFIG[head dim] by default."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    natural log as the forward returns it, delta = rowsum(dO ∘ O) (with varlen (1, total, H, D)
+    and (1, H, total_q)). config: (BLOCK_M, BLOCK_N, STAGES), CONFIG[head dim] by default."""
+    nheads, head_dim, nheads_k = q.shape[2], q.shape[3], k.shape[2]
+    batch, seqlen_q, seqlen_k = opts.problem(q, k)  # with varlen: entries, longest lengths
     block_m, block_n, stages = config or CONFIG[head_dim]
+    cu_q, cu_k = opts.cu_seqlens(lse)
     triton.set_allocator(configs._tma_allocator)  # for the descriptors made in the kernel
     grid = (triton.cdiv(seqlen_k, block_n), nheads_k, batch)
     _attn_bwd_dkdv_hopper[grid](
-        q, k, v, do, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        lse.stride(0), lse.stride(1),
+        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+        *opts.strides(q)[:3], *opts.strides(k)[:3], *opts.strides(v)[:3],
+        *opts.strides(do)[:3], *opts.strides(dk)[:3], *opts.strides(dv)[:3],
+        opts.strides(lse)[0], lse.stride(1),
         nheads // nheads_k, seqlen_q, seqlen_k, opts.diag_offset, opts.softmax_scale * LOG2E,
         opts.softmax_scale,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        CAUSAL=opts.causal, num_warps=4,
+        CAUSAL=opts.causal, VARLEN=opts.varlen is not None, num_warps=4,
     )
     return dk, dv
 
@@ -423,19 +441,19 @@ def dkdv(q, k, v, do, lse, delta, dk, dv, opts, config: tuple[int, int, int] | N
 def dq(q, k, v, do, lse, delta, dq, opts, config: tuple[int, int, int] | None = None):
     """Write dQ of a call that `hopper.supports` covers into dq (q's shape); arguments as
     `dkdv`. config: (BLOCK_M, BLOCK_N, STAGES), CONFIG_DQ[head dim] by default."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    nheads, head_dim, nheads_k = q.shape[2], q.shape[3], k.shape[2]
+    batch, seqlen_q, seqlen_k = opts.problem(q, k)
     block_m, block_n, stages = config or CONFIG_DQ[head_dim]
+    cu_q, cu_k = opts.cu_seqlens(lse)
     triton.set_allocator(configs._tma_allocator)
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)
     _attn_bwd_dq_hopper[grid](
-        q, k, v, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1),
+        q, k, v, do, lse, delta, dq, cu_q, cu_k,
+        *opts.strides(q)[:3], *opts.strides(k)[:3], *opts.strides(v)[:3],
+        *opts.strides(do)[:3], *opts.strides(dq)[:3], opts.strides(lse)[0], lse.stride(1),
         nheads // nheads_k, seqlen_q, seqlen_k, opts.diag_offset, opts.softmax_scale * LOG2E,
         opts.softmax_scale,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        CAUSAL=opts.causal, num_warps=4,
+        CAUSAL=opts.causal, VARLEN=opts.varlen is not None, num_warps=4,
     )
     return dq
