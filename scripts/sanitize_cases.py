@@ -79,6 +79,25 @@ def varlen(dropout_p=0.0):
     return run
 
 
+def gluon_varlen():
+    """A packed batch through the Gluon kernels' VARLEN variants on Hopper (the gluon_varlen
+    feature on for this case; one cu_seqlens for queries and keys), long enough for every
+    Gluon pass at D 128."""
+    lengths = [700, 0, 130, 1, 4200]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                      device=DEV)
+    q = torch.randn(sum(lengths), 4, 128, device=DEV, dtype=HALF, requires_grad=True)
+    k, v = (torch.randn(sum(lengths), 2, 128, device=DEV, dtype=HALF, requires_grad=True)
+            for _ in range(2))
+    configs.features["gluon_varlen"] = True
+    try:
+        out = flashtile.flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths),
+                                               causal=True)
+        _backward(out, (q, k, v))
+    finally:
+        configs.features["gluon_varlen"] = False
+
+
 def kvcache(paged: bool, num_splits: int, page: int = 32):
     """Pages of 32 rows take the gather path (the fixed config's key block is 64); pages of 128
     the TMA path (a block lies in one page), switched on here (configs.features)."""
@@ -141,6 +160,7 @@ CASES = {
     "gluon_d128_causal": dense(head_dim=128, causal=True, seqlen_q=1100, seqlen_k=4200),
     "gluon_d128": dense(head_dim=128, seqlen_q=1100, seqlen_k=4200),
     "gluon_d64": dense(head_dim=64, seqlen_q=300, seqlen_k=8300),
+    "gluon_varlen": gluon_varlen,
 }
 
 

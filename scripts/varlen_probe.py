@@ -18,7 +18,11 @@ forward of the one longest sequence, varlen against dense, with each of the firs
 candidates forced in both (and the first with TMA off): equal configs, so a gap is the varlen
 path's own (docs/performance.md v5.6). Needs a CUDA GPU.
 
-Usage: python scripts/varlen_probe.py [--causal] [--configs]
+With --gluon-varlen, rows 1 and 3 again with the gluon_varlen feature on (kernels/hopper.py and
+hopper_backward.py's VARLEN variants, docs/performance.md v7), so that varlen and padded dense
+both run the Gluon kernels.
+
+Usage: python scripts/varlen_probe.py [--causal] [--configs] [--gluon-varlen]
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ def main(argv=None) -> None:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--configs", action="store_true",
                         help="also time varlen against dense with the same forced configs")
+    parser.add_argument("--gluon-varlen", action="store_true",
+                        help="also time the packed rows with the gluon_varlen feature on")
     args = parser.parse_args(argv)
     lengths = draw_lengths()
     longest = max(lengths)
@@ -125,12 +131,17 @@ def main(argv=None) -> None:
         ("equal 4096s, dense", dense(sum(lengths) // 4096, 4096, args.causal),
          [4096] * (sum(lengths) // 4096)),
     ]
+    if args.gluon_varlen:
+        rows += [("one sequence, Gluon", packed([longest], args.causal), [longest], True),
+                 ("batch, drawn, Gluon", packed(lengths, args.causal), lengths, True)]
     print(f"{len(lengths)} sequences of {min(lengths)}-{longest} tokens, {sum(lengths)} in all; "
           f"causal={args.causal}; TFLOP/s over the real pairs (bwd counts 2.5x the fwd)")
     print(f"{'case':<24} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}")
-    for name, fn, real in rows:
+    for name, fn, real, *gluon_varlen in rows:
         flops = 4 * HEADS * HEAD_DIM * pairs(real, args.causal)
+        configs.features["gluon_varlen"] = bool(gluon_varlen)
         fwd, both = timed(fn, False), timed(fn, True)
+        configs.features["gluon_varlen"] = False
         print(f"{name:<24} {fwd:8.3f} {flops / fwd / 1e9:8.0f} {both:11.3f} "
               f"{3.5 * flops / both / 1e9:8.0f}", flush=True)
         torch.cuda.empty_cache()
