@@ -450,6 +450,32 @@ def test_flop_counts():
     assert bwd.get_total_flops() == 14 * unit  # two passes: 7 matmuls executed = 3.5 · forward
 
 
+# §14 -- the algorithm: pass 1 with the key block as rows --------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_rows_pass_matches_autograd(causal):
+    """Pass 1 as the Gluon dK/dV kernel writes it: sT = k qᵀ, pT = exp2(sT · qk_scale − lse₂)
+    with lse₂ along the columns, dpT = v dOᵀ, dsT = pT ∘ (dpT − Δ), dV = pT dO,
+    dK = scale · dsT q. The transposes of §14's lines, so dK and dV are autograd's."""
+    Nq, Nk, scale = 11, 14, 0.29
+    Q, K, V, dO = qkv(2, 2, Nq, Nk, 8)
+    Qr, Kr, Vr = (t.clone().requires_grad_() for t in (Q, K, V))
+    S = (scale * Qr @ Kr.transpose(-2, -1)).masked_fill(~keep_mask(Nq, Nk, causal),
+                                                        float("-inf"))
+    O = torch.softmax(S, -1) @ Vr
+    O.backward(dO)
+    lse2 = torch.logsumexp(S.detach(), -1) * LOG2E  # (B, H, Nq)
+    delta = (dO * O.detach()).sum(-1)  # §5
+    sT = K @ Q.transpose(-2, -1)  # (B, H, Nk, Nq)
+    pT = torch.exp2(sT * (scale * LOG2E) - lse2[..., None, :])
+    pT = pT.masked_fill(~keep_mask(Nq, Nk, causal).transpose(-2, -1), 0.0)
+    dpT = V @ dO.transpose(-2, -1)
+    dsT = pT * (dpT - delta[..., None, :])
+    torch.testing.assert_close(pT @ dO, Vr.grad, **TOL)  # dV
+    torch.testing.assert_close(scale * dsT @ Q, Kr.grad, **TOL)  # dK
+
+
 # §15 -- score modifications: softcap, ALiBi, masks, dropout, GQA --------------------------------
 
 
