@@ -1,6 +1,7 @@
 """Packed batches through the Gluon kernels (kernels/hopper.py and hopper_backward.py with
-VARLEN): flash_attn_varlen_func's outputs and gradients against per-sequence float64 references
-and against the Triton kernels, on a Hopper GPU with the gluon_varlen feature switched on; and,
+VARLEN), on a Hopper GPU with the gluon_varlen feature switched on: flash_attn_varlen_func's
+outputs and gradients against per-sequence float64 references and against the Triton kernels,
+and the kernels called directly into NaN-poisoned buffers; and,
 on any machine, which packed batches the Gluon kernels take (`hopper.varlen_covered`). The
 interpreter cannot run Gluon (on the CPU, test_compile_sm90 compiles the VARLEN variants)."""
 
@@ -11,7 +12,13 @@ from test_varlen import cumulative, per_sequence
 import flashtile
 from flashtile.kernels import configs, hopper, hopper_backward
 from flashtile.kernels.params import AttnOptions
-from flashtile.testing import assert_close, check_attention, reference_attention, tolerance
+from flashtile.testing import (
+    assert_close,
+    check_attention,
+    poison_,
+    reference_attention,
+    tolerance,
+)
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
@@ -83,6 +90,46 @@ def test_varlen_through_the_gluon_kernels(name, lengths, nheads, nheads_k, head_
             assert_close(f"{name} sequence {i} {field}", mine, getattr(ref, field), limit)
             # and as close to the Triton kernels' result as the rule allows either to be
             assert_close(f"{name} sequence {i} {field} against triton", mine, triton_s, limit)
+
+
+@needs_hopper
+@pytest.mark.parametrize("name,lengths,nheads,nheads_k,head_dim,causal", CASES,
+                         ids=[c[0] for c in CASES])
+def test_gluon_varlen_kernels_write_every_row(name, lengths, nheads, nheads_k, head_dim, causal,
+                                              monkeypatch):
+    """The three Gluon kernels called directly into NaN-poisoned buffers (flash_attn_varlen_func
+    allocates its own, which the allocator may hand back holding an earlier call's values):
+    every row of every sequence written, and right by the rule."""
+    monkeypatch.setitem(configs.features, "gluon_varlen", True)
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    cu, total = cumulative(lengths, dev), sum(lengths)
+    q = torch.randn(1, total, nheads, head_dim, device=dev, dtype=dtype)
+    k, v = (torch.randn(1, total, nheads_k, head_dim, device=dev, dtype=dtype)
+            for _ in range(2))
+    dout = torch.randn_like(q)
+    opts = AttnOptions(softmax_scale=head_dim**-0.5, diag_offset=0,
+                       window_right=0 if causal else -1,
+                       varlen=(cu, cu, max(lengths), max(lengths)))
+    assert hopper.supports(q, k, v, opts)
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(1, nheads, total, device=dev))
+    hopper.attention_forward(q, k, v, opts, out=out, lse=lse)
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    dq = poison_(torch.empty_like(q))
+    dk, dv = poison_(torch.empty_like(k)), poison_(torch.empty_like(v))
+    hopper_backward.dkdv(q, k, v, dout, lse, delta, dk, dv, opts)
+    hopper_backward.dq(q, k, v, dout, lse, delta, dq, opts)
+    got = dict(out=out[0], lse=lse[0], dq=dq[0], dk=dk[0], dv=dv[0])
+    for i, rows, keys in per_sequence(cu, cu):
+        if rows.stop == rows.start:
+            continue
+        qi, ki, vi, doi = (t[0, part][None] for t, part in ((q, rows), (k, keys), (v, keys),
+                                                             (dout, rows)))
+        ref = reference_attention(qi, ki, vi, doi, causal=causal, dtype=torch.float64)
+        base = reference_attention(qi, ki, vi, doi, causal=causal)
+        check_attention(f"{name} sequence {i}",
+                        {field: _sequence_of(field, t, rows, keys) for field, t in got.items()},
+                        ref, base, dtype)
 
 
 def _sequence_of(field: str, packed: torch.Tensor, rows: slice, keys: slice) -> torch.Tensor:
