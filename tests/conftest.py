@@ -12,6 +12,9 @@ from flashtile.testing import device
 
 SEED = int(os.environ.get("FLASHTILE_TEST_SEED", random.SystemRandom().randrange(2**31)))
 ON_GPU = torch.cuda.is_available()
+# the Gluon kernels (kernels/hopper.py, hopper_backward.py) run on Hopper only
+ON_HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (sm_90)")
 
 
 def pytest_report_header(config):

@@ -5,6 +5,7 @@ flash_attn_func with it switched on; and which calls it covers. The interpreter 
 
 import pytest
 import torch
+from conftest import needs_hopper
 
 from flashtile import flash_attn_func
 from flashtile.kernels import configs, forward, hopper
@@ -18,9 +19,6 @@ from flashtile.testing import (
     run_flashtile,
     tolerance,
 )
-
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 
 # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dtype
 CASES = [

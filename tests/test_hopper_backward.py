@@ -6,6 +6,7 @@ sm_90)."""
 
 import pytest
 import torch
+from conftest import needs_hopper
 
 from flashtile.kernels import backward, configs, forward, hopper, hopper_backward
 from flashtile.kernels.params import AttnOptions
@@ -18,9 +19,6 @@ from flashtile.testing import (
     run_flashtile,
     tolerance,
 )
-
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 
 # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dtype
 CASES = [

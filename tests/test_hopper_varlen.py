@@ -7,6 +7,7 @@ interpreter cannot run Gluon (on the CPU, test_compile_sm90 compiles the VARLEN 
 
 import pytest
 import torch
+from conftest import needs_hopper
 from test_varlen import cumulative, per_sequence
 
 import flashtile
@@ -19,9 +20,6 @@ from flashtile.testing import (
     reference_attention,
     tolerance,
 )
-
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
 
 # (name, sequence lengths (queries and keys alike), nheads, nheads_k, head_dim, causal)
 CASES = [
