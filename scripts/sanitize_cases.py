@@ -89,13 +89,13 @@ def gluon_varlen():
     q = torch.randn(sum(lengths), 4, 128, device=DEV, dtype=HALF, requires_grad=True)
     k, v = (torch.randn(sum(lengths), 2, 128, device=DEV, dtype=HALF, requires_grad=True)
             for _ in range(2))
-    configs.features["gluon_varlen"] = True
+    was, configs.features["gluon_varlen"] = configs.features["gluon_varlen"], True
     try:
         out = flashtile.flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths),
                                                causal=True)
         _backward(out, (q, k, v))
     finally:
-        configs.features["gluon_varlen"] = False
+        configs.features["gluon_varlen"] = was
 
 
 def kvcache(paged: bool, num_splits: int, page: int = 32):

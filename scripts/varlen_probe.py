@@ -18,9 +18,9 @@ forward of the one longest sequence, varlen against dense, with each of the firs
 candidates forced in both (and the first with TMA off): equal configs, so a gap is the varlen
 path's own (docs/performance.md v5.6). Needs a CUDA GPU.
 
-With --gluon-varlen, rows 1 and 3 again with the gluon_varlen feature on (kernels/hopper.py and
-hopper_backward.py's VARLEN variants, docs/performance.md v7), so that varlen and padded dense
-both run the Gluon kernels.
+Packed rows run with the gluon_varlen feature off (the Triton kernels). With --gluon-varlen,
+the first two rows again with it on (kernels/hopper.py and hopper_backward.py's VARLEN variants,
+docs/performance.md v7), so that varlen and padded dense both run the Gluon kernels.
 
 Usage: python scripts/varlen_probe.py [--causal] [--configs] [--gluon-varlen]
 """
@@ -137,11 +137,12 @@ def main(argv=None) -> None:
     print(f"{len(lengths)} sequences of {min(lengths)}-{longest} tokens, {sum(lengths)} in all; "
           f"causal={args.causal}; TFLOP/s over the real pairs (bwd counts 2.5x the fwd)")
     print(f"{'case':<24} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}")
+    default = configs.features["gluon_varlen"]
     for name, fn, real, *gluon_varlen in rows:
         flops = 4 * HEADS * HEAD_DIM * pairs(real, args.causal)
         configs.features["gluon_varlen"] = bool(gluon_varlen)
         fwd, both = timed(fn, False), timed(fn, True)
-        configs.features["gluon_varlen"] = False
+        configs.features["gluon_varlen"] = default
         print(f"{name:<24} {fwd:8.3f} {flops / fwd / 1e9:8.0f} {both:11.3f} "
               f"{3.5 * flops / both / 1e9:8.0f}", flush=True)
         torch.cuda.empty_cache()

@@ -267,10 +267,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 # - gluon_backward: the dense backward's passes through kernels/hopper_backward.py on Hopper
 #   GPUs, each where it measured faster (v7);
 # - gluon_varlen: packed batches (one cu_seqlens for queries and keys) through the Gluon
-#   kernels too; off until it has run on a GPU (v7).
+#   kernels too (v7.2: a drawn batch's forward 1.18x, backward 1.11x the Triton kernels').
 features = {"tma_forward": True, "tma_backward": False, "tma_paged": False,
             "overlap_dq": True, "gluon_forward": True, "gluon_backward": True,
-            "gluon_varlen": False}
+            "gluon_varlen": True}
 
 
 def _tma_allocator(size: int, alignment: int, stream):

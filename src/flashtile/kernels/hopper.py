@@ -25,7 +25,7 @@ This path covers the dense forward: (B, N, H, D) tensors with a unit head-dim st
 causal, no softcap, ALiBi, dropout, mask predicate or KV cache, and with causal
 seqlen_q <= seqlen_k (every row sees key 0). Packed batches (VARLEN: each program finds its
 sequence's rows from the cumulative lengths, its descriptors end where the sequence ends) only
-with the gluon_varlen feature, off until measured, and one cumulative-lengths tensor for both
+with the gluon_varlen feature (on; v7.2) and one cumulative-lengths tensor for both
 queries and keys (`varlen_covered`). `supports` says whether a call is covered,
 `preferred` whether it is one where this path measured faster; everything else takes
 forward.py. It does not run in Triton's interpreter: forward.py is the

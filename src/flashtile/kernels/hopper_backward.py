@@ -60,10 +60,11 @@ CONFIG_DQ = {64: (128, 128, 2), 128: (128, 128, 2)}
 # Per pass and (head dim, causal), the shortest key length from which the pass beat
 # backward.py's in the same run; None where it never did. Below it backward.py's pass runs
 # (`preferred`). dK/dV at D 64 non-causal: 0.97-1.07x at 4096 keys, 1.11x at 16384; dQ at D 64:
-# 0.87-0.89x at 4096; dQ at D 128 measured from 4096 keys only.
+# 0.87-0.89x at 4096; at D 128 dK/dV 1.04-1.07x from 512 keys, dQ 0.85-0.95x at 512 and
+# 1.01x at 1024 (v7.2; nothing shorter measured).
 MIN_SEQLEN_K = {
-    "dkdv": {(64, False): 8192, (64, True): 4096, (128, False): 1024, (128, True): 1024},
-    "dq": {(64, False): None, (64, True): None, (128, False): 4096, (128, True): 4096},
+    "dkdv": {(64, False): 8192, (64, True): 4096, (128, False): 512, (128, True): 512},
+    "dq": {(64, False): None, (64, True): None, (128, False): 1024, (128, True): 1024},
 }
 LOG2E_C = gl.constexpr(LOG2E)
 
@@ -142,7 +143,8 @@ def _dkdv_compute(h: gl.constexpr, dk_desc, dv_desc, LSE, Delta, stride_lh, off_
             # so that their p is exactly 0 (backward.py's _load_lse2)
             lse = gl.load(LSE_h + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
-            delta = gl.load(Delta_h + offs_m, mask=offs_m < seqlen_q, other=0.0)
+            if CAUSAL:
+                delta = gl.load(Delta_h + offs_m, mask=offs_m < seqlen_q, other=0.0)
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             q_s = q_smem.index(slot)
             do_s = do_smem.index(slot)
@@ -159,6 +161,11 @@ def _dkdv_compute(h: gl.constexpr, dk_desc, dv_desc, LSE, Delta, stride_lh, off_
                     pT = gl.where(keep, pT, 0.0)
             p_op = gl.convert_layout(pT.to(dtype), op_layout)
             dv = gh.warpgroup_mma(p_op, do_s, dv, is_async=True)
+            if not CAUSAL:
+                # Delta loaded here, under the dV matmul: fewer live registers across the sT
+                # wait (ptxas spills at D 128 140 -> 128 bytes) and 2-7% faster without the
+                # mask; with it, 2-8% slower than the early load above (performance.md, v7.2)
+                delta = gl.load(Delta_h + offs_m, mask=offs_m < seqlen_q, other=0.0)
             dpT = gh.warpgroup_mma_wait(num_outstanding=1, deps=[dpT])
             dsT = pT * (dpT - gl.expand_dims(delta, 0))
             ds_op = gl.convert_layout(dsT.to(dtype), op_layout)
