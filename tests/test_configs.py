@@ -6,6 +6,8 @@ pruning leaves nothing and the launch fails), and the fixed/tuned choice must fo
 interpreter and the overrides.
 """
 
+import json
+
 import pytest
 import torch
 import triton
@@ -138,3 +140,22 @@ def test_remembered_tunes_once_then_launches_the_choice(monkeypatch):
     assert calls[1][2] == {"HEAD_DIM_PAD": 128,
                            **FakeTuned.best_config.all_kwargs()}  # blocks, warps, stages
     assert {"BLOCK_M": 64, "num_stages": 3}.items() <= calls[1][2].items()
+
+
+def test_tuned_choices_lists_each_kernels_remembered_configs(monkeypatch):
+    """What `flashtile bench` records beside its rows: per kernel and tuning key, the key by
+    name and the config the autotuner chose, in plain JSON values."""
+    assert sorted(t.name for t in configs.TUNABLES) == ["bwd_dkdv", "bwd_dq", "fwd"]
+    tunable = backward._attn_bwd_dq_tunable
+    chosen = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+    key = (128, "tf32", 11, *range(len(tunable.tuned.keys) - 3), torch.bfloat16)
+    monkeypatch.setattr(tunable.remembered, "best", {key: chosen})
+    for other in configs.TUNABLES:
+        if other is not tunable:
+            monkeypatch.setattr(other.remembered, "best", {})
+    (entry,) = configs.tuned_choices()
+    assert entry["kernel"] == "bwd_dq" and entry["config"] == chosen
+    assert list(entry["key"]) == [*tunable.tuned.keys, "dtype"]
+    assert entry["key"]["HEAD_DIM_PAD"] == 128 and entry["key"]["seqlen_bucket"] == 11
+    assert entry["key"]["dtype"] == "torch.bfloat16"
+    json.dumps(entry)  # plain values only

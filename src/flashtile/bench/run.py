@@ -11,8 +11,9 @@ causal and not, seqlen N from 512 to 16k, batch = 16384 / N and heads = 2048 / D
 problem holds 16384 tokens of width 2048. --quick is a subset that takes a few minutes; --long
 is long-context: batch 1, 16 heads, D = 128, N in {32k, 64k, 128k}. --dims, --seqlens, --modes
 and --providers override what the preset chose. Each provider is checked against the float64
-reference before it is timed. Writes bench.md, bench.json and bench.png to --out (default:
-$OUT if set, else results/). --features measures issue 4's feature cases instead (sliding
+reference before it is timed. Writes bench.md, bench.json (with the configs flashtile's
+autotuners chose, metadata "tuned") and bench.png to --out (default: $OUT if set, else
+results/). --features measures issue 4's feature cases instead (sliding
 window, GQA and document mask beside full attention, flashtile and FlexAttention:
 bench/features.py) and writes features.md and features.json. --decode measures issue 5's
 decoding step (one query token against a KV cache of 1k to 128k tokens, batch 1 to 64, GQA 8:1:
@@ -47,6 +48,7 @@ from flashtile.bench import decode, varlen
 from flashtile.bench.measure import MODES, Result, Shape, ceilings, measure_provider
 from flashtile.bench.providers import PROVIDERS
 from flashtile.bench.report import notes, tflops_table, write_reports
+from flashtile.kernels import configs
 
 TOKENS = 16384  # batch · seqlen of every grid problem
 WIDTH = 2048  # heads · head_dim
@@ -275,6 +277,7 @@ def main(argv: list[str]) -> int:
             torch.cuda.empty_cache()  # each provider starts from the same free memory
             bar.update()
         del q, k, v, dout
+        meta["tuned"] = configs.tuned_choices()  # the configs behind flashtile's rows so far
         write_reports(out_dir, results, meta, plot=False)  # a cut-short run keeps its rows
     bar.close()
     log = functools.partial(print, flush=True)

@@ -201,6 +201,9 @@ TUNING_KEY = ["HEAD_DIM_PAD", "DOT_PRECISION", "seqlen_bucket", "USE_TMA",
               "MAP_BLOCK_M", "group", "VARLEN"]
 
 
+TUNABLES: list[Tunable] = []  # every Tunable made, in import order (for `tuned_choices`)
+
+
 class Tunable:
     """A kernel beside its autotuned twin. `select(head_dim_padded, precision)` gives what to
     launch: the kernel (through `Launcher`) with a fixed config (interpreter, override,
@@ -208,6 +211,7 @@ class Tunable:
     through `Remembered`."""
 
     def __init__(self, name: str, kernel, extra_key: tuple[str, ...] = ()):
+        TUNABLES.append(self)
         self.name = name
         self.kernel = kernel
         self.tuned = triton.autotune(
@@ -250,6 +254,25 @@ class Remembered:
                 self.tunable.launcher.launch(grid, args, {**kwargs, **best})
 
         return launch
+
+
+def tuned_choices() -> list[dict]:
+    """The configs this process's autotuners chose (or read from Triton's disk cache): one
+    entry per kernel and tuning key, {"kernel", "key": {name: value}, "config": launch
+    kwargs}. For benchmark reports, so that a run's figures can be traced to its configs."""
+    choices = []
+    for tunable in TUNABLES:
+        names = [*tunable.tuned.keys, "dtype"]  # Remembered.key's order
+        for key, config in tunable.remembered.best.items():
+            choices.append({"kernel": tunable.name,
+                            "key": {n: _plain(v) for n, v in zip(names, key)},
+                            "config": {n: _plain(v) for n, v in config.items()}})
+    return choices
+
+
+def _plain(value):
+    """A JSON-ready form of a tuning key's or config's value."""
+    return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
