@@ -7,7 +7,8 @@ Times, forward and forward+backward, bf16, 16 heads, D 128 (`flashtile bench --v
      then start first (grid axis 2 is the sequence), so a gap is the schedule's tail;
   3. the batch as padded dense flash_attn_func, the yardstick of the target, with random values
      in the padding and with zeros there (as the bench pads): the same work, so a gap is the
-     data's own effect on the GPU's speed;
+     data's own effect on the GPU's speed; and zero-padded in the bench's (B, H, N, D) layout
+     (its padded fwd + bwd read 35.9 ms against this probe's 27.4 in session 23's runs);
   4. the longest sequence followed by empty ones, one per other sequence of the batch: the same
      work as in 1 with the batch's grid, whose programs past their sequence's end exit at once,
      so a gap is the cost of those idle programs;
@@ -63,20 +64,26 @@ def packed(lengths, causal: bool):
                                                     causal=causal)
 
 
-def dense(batch: int, seqlen: int, causal: bool, lengths=None):
+def dense(batch: int, seqlen: int, causal: bool, lengths=None, heads_first: bool = False):
     """flash_attn_func on random (batch, seqlen) inputs; with `lengths`, entry b's rows past
     lengths[b] are zeros in q, k, v and the output gradient, as in `flashtile bench --varlen`'s
-    padded batch."""
-    q, k, v = (torch.randn(batch, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
+    padded batch. heads_first: the tensors laid out (batch, heads, seqlen, D), as the bench's
+    padded batch is (SDPA's layout), and passed as (batch, seqlen, heads, D) views."""
+    shape = (batch, HEADS, seqlen, HEAD_DIM) if heads_first else (batch, seqlen, HEADS, HEAD_DIM)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     keep = None
     if lengths is not None:
         rows = torch.arange(seqlen, device="cuda")
         keep = (rows[None, :] < torch.tensor(lengths, device="cuda")[:, None])[..., None, None]
+        if heads_first:
+            keep = keep.transpose(1, 2)
         q, k, v = (t * keep for t in (q, k, v))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def fn():
+        if heads_first:
+            return flashtile.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)),
+                                             causal=causal).transpose(1, 2)
         return flashtile.flash_attn_func(q, k, v, causal=causal)
     fn.keep = 1 if keep is None else keep
     return fn
@@ -124,6 +131,8 @@ def main(argv=None) -> None:
         ("batch, longest first", packed(sorted(lengths, reverse=True), args.causal), lengths),
         ("batch, padded dense", dense(len(lengths), longest, args.causal), lengths),
         ("same, zero padding", dense(len(lengths), longest, args.causal, lengths), lengths),
+        ("same, (B, H, N, D) layout", dense(len(lengths), longest, args.causal, lengths, True),
+         lengths),
         ("longest + empty ones", packed([longest] + [0] * (len(lengths) - 1), args.causal),
          [longest]),
         ("equal 4096s, varlen", packed([4096] * (sum(lengths) // 4096), args.causal),
