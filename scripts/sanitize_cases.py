@@ -156,7 +156,7 @@ def warp_specialize_only(barrier: bool):
     4-warp partitions also pass a barrier of their own warps, as the Gluon kernels' compute
     partitions do (bar.sync 0 and 2 of 128 threads beside the CTA-wide bar.sync 1 of the
     lowering). A hazard reported here is the lowering's (or racecheck's), not the library's.
-    At `a0da47d` racecheck reported the plain case clean. Hopper only; elsewhere it says so."""
+    At `242b1a7` racecheck reported the plain case clean. Hopper only; elsewhere it says so."""
     def run():
         if DEV.type != "cuda" or torch.cuda.get_device_capability(DEV)[0] != 9:
             print("warp_specialize_only: needs a Hopper GPU, skipped", flush=True)
