@@ -17,6 +17,22 @@ ON_HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (sm_90)")
 
 
+def record_calls(monkeypatch, entries, note=lambda name, args: name) -> list:
+    """Wrap each (module, function name) of `entries` so that a call first appends
+    note(name, positional args) to the list returned, then runs the function: which entry
+    points a call went through, for the tests of the paths a dispatch chose."""
+    calls = []
+    for module, name in entries:
+        entry = getattr(module, name)
+
+        def recording(*args, name=name, entry=entry, **kwargs):
+            calls.append(note(name, args))
+            return entry(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+    return calls
+
+
 def pytest_report_header(config):
     where = torch.cuda.get_device_name() if ON_GPU else "CPU, Triton interpreter"
     return f"flashtile: seed {SEED} (FLASHTILE_TEST_SEED to replay), kernels on {where}"

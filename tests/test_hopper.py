@@ -5,7 +5,7 @@ flash_attn_func with it switched on; and which calls it covers. The interpreter 
 
 import pytest
 import torch
-from conftest import needs_hopper
+from conftest import needs_hopper, record_calls
 
 from flashtile import flash_attn_func
 from flashtile.kernels import configs, forward, hopper
@@ -68,15 +68,8 @@ def test_gluon_forward_matches_reference(case, config, ws, monkeypatch):
 
 def _recording(monkeypatch) -> list:
     """Make hopper.attention_forward note each call (q's shape) in the list returned."""
-    calls = []
-    gluon_forward = hopper.attention_forward
-
-    def recording(*args, **kwargs):
-        calls.append(tuple(args[0].shape))
-        return gluon_forward(*args, **kwargs)
-
-    monkeypatch.setattr(hopper, "attention_forward", recording)
-    return calls
+    return record_calls(monkeypatch, [(hopper, "attention_forward")],
+                        lambda name, args: tuple(args[0].shape))
 
 
 @needs_hopper

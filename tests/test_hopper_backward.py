@@ -6,7 +6,7 @@ sm_90)."""
 
 import pytest
 import torch
-from conftest import needs_hopper
+from conftest import needs_hopper, record_calls
 
 from flashtile.kernels import backward, configs, forward, hopper, hopper_backward
 from flashtile.kernels.params import AttnOptions
@@ -102,16 +102,7 @@ def test_gluon_pass_is_deterministic(pass_name):
 def _recording(monkeypatch) -> list:
     """Make hopper_backward.dkdv and .dq note each call (the pass's name) in the list
     returned."""
-    calls = []
-    for pass_name in CONFIGS:
-        gluon_pass = getattr(hopper_backward, pass_name)
-
-        def recording(*args, pass_name=pass_name, gluon_pass=gluon_pass, **kwargs):
-            calls.append(pass_name)
-            return gluon_pass(*args, **kwargs)
-
-        monkeypatch.setattr(hopper_backward, pass_name, recording)
-    return calls
+    return record_calls(monkeypatch, [(hopper_backward, name) for name in CONFIGS])
 
 
 @needs_hopper

@@ -7,7 +7,7 @@ interpreter cannot run Gluon (on the CPU, test_compile_sm90 compiles the VARLEN 
 
 import pytest
 import torch
-from conftest import needs_hopper
+from conftest import needs_hopper, record_calls
 from test_varlen import cumulative, per_sequence
 
 import flashtile
@@ -38,17 +38,8 @@ def _gluon_everywhere(monkeypatch) -> list:
     monkeypatch.setattr(hopper_backward, "MIN_SEQLEN_K", {
         name: dict.fromkeys(thresholds, 1)
         for name, thresholds in hopper_backward.MIN_SEQLEN_K.items()})
-    calls = []
-    for module, name in ((hopper, "attention_forward"), (hopper_backward, "dkdv"),
-                         (hopper_backward, "dq")):
-        entry = getattr(module, name)
-
-        def recording(*args, name=name, entry=entry, **kwargs):
-            calls.append(name)
-            return entry(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, recording)
-    return calls
+    return record_calls(monkeypatch, [(hopper, "attention_forward"), (hopper_backward, "dkdv"),
+                                      (hopper_backward, "dq")])
 
 
 def _run(q, k, v, cu, lengths, dout, causal):
