@@ -6,8 +6,12 @@ Usage: python scripts/config_time.py [--kernel fwd|bwd_dkdv|bwd_dq] [--sdpa-layo
                                      [--extra M,N,warps,stages ...] [D,causal,N ...]
        (default: fwd at 128,1,1024 64,1,1024; --sdpa-layout: (B, H, N, D) tensors, as bench
        passes; --extra: configs to time beside the candidates)
+       [--against sdpa-flash,flex]
+       (--against: other providers of `flashtile bench`, timed in the same process on the same
+       tensors, so that each config's ratio to them can be read off)
 Prints one line per (shape, config): the timed pass's ms and TFLOP/s (backward: 2.5 × the
-forward's FLOPs, dK/dV and dQ together); then the same autotuned.
+forward's FLOPs, dK/dV and dQ together); then the same autotuned, then each --against provider
+(its forward, or its backward alone, as the bench times them).
 """
 
 import argparse
@@ -16,12 +20,15 @@ import torch
 import triton
 
 import flashtile
+from flashtile.bench.measure import time_mode
+from flashtile.bench.providers import PROVIDERS
 from flashtile.kernels import configs
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--kernel", choices=configs.KERNELS, default="fwd")
 parser.add_argument("--sdpa-layout", action="store_true")
 parser.add_argument("--extra", nargs="*", default=[], help="BLOCK_M,BLOCK_N,warps,stages")
+parser.add_argument("--against", default="", help="comma-separated bench providers")
 parser.add_argument("shapes", nargs="*", help="D,causal,N")
 args = parser.parse_args()
 shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shapes]
@@ -64,3 +71,11 @@ for D, causal, N in shapes:
     ms = triton.testing.do_bench(timed, warmup=50, rep=200)
     print(f"D={D} causal={causal} N={N} {args.kernel} autotuned: {ms:.3f} ms "
           f"{flops / ms * 1e-9:.0f} TFLOP/s", flush=True)
+    mode = "fwd" if args.kernel == "fwd" else "bwd"
+    for name in filter(None, args.against.split(",")):
+        # the providers take (B, H, N, D) tensors: the same memory, seen as SDPA sees it
+        qs, ks, vs = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+        forward = PROVIDERS[name](qs, ks, vs, bool(causal))
+        ms = time_mode(forward, mode, torch.randn_like(qs), [qs, ks, vs], 50, 200)
+        print(f"D={D} causal={causal} N={N} {mode} {name}: {ms:.3f} ms "
+              f"{flops / ms * 1e-9:.0f} TFLOP/s", flush=True)
