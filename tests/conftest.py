@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import flashtile  # noqa: F401  (sets TRITON_INTERPRET=1 on machines without a GPU)
+from flashtile.kernels import configs
 from flashtile.testing import device
 
 SEED = int(os.environ.get("FLASHTILE_TEST_SEED", random.SystemRandom().randrange(2**31)))
@@ -57,3 +58,15 @@ def dev():
 def _untuned(monkeypatch):
     if ON_GPU:
         monkeypatch.setenv("FLASHTILE_AUTOTUNE", "0")
+
+
+# The library reads short key ranges through pointers (configs.TMA_FORWARD_MIN_SEQLEN_K), which
+# would leave the forward's TMA path to the few tests with thousands of keys: tests take it from
+# the first key, wherever the layout allows it. The pointer path stays covered by the head dims
+# and strides TMA cannot take, and the default threshold by test_attention's own test.
+TMA_FORWARD_MIN_SEQLEN_K = configs.TMA_FORWARD_MIN_SEQLEN_K  # the library's default
+
+
+@pytest.fixture(autouse=True)
+def _tma_at_every_length(monkeypatch):
+    monkeypatch.setattr(configs, "TMA_FORWARD_MIN_SEQLEN_K", 0)

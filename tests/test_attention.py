@@ -10,9 +10,11 @@ is GPU-only) and longer sequences.
 
 import pytest
 import torch
-from conftest import ON_GPU
+from conftest import ON_GPU, TMA_FORWARD_MIN_SEQLEN_K
 
 import flashtile
+from flashtile.kernels import configs, forward
+from flashtile.kernels.params import AttnOptions
 from flashtile.testing import check_attention, random_qkv, reference_attention, run_flashtile
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
@@ -59,6 +61,34 @@ def test_matches_reference(seqlen_q, seqlen_k, head_dim, causal, dtype, dev):
         # backward from its float32 P). dq and dk at head dim 1 are checked in float32.
         fields = ("out", "lse", "dv")
     check_against_reference("flash_attn_func", q, k, v, causal=causal, fields=fields)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_short_keys_load_through_pointers(causal, dev, monkeypatch):
+    """With the library's threshold, a forward over fewer keys reads them through pointers
+    (faster there on the H200, docs/performance.md v7.3) and one over more keys, or a KV
+    cache, through TMA; the pointer path matches the reference at a TMA-ready layout."""
+    monkeypatch.setattr(configs, "TMA_FORWARD_MIN_SEQLEN_K", TMA_FORWARD_MIN_SEQLEN_K)
+    threshold = TMA_FORWARD_MIN_SEQLEN_K
+    k = torch.randn(1, 8, 2, 64, dtype=torch.float16, device=dev)
+    dense = AttnOptions(softmax_scale=0.125, diag_offset=0)
+    assert not forward.loads_through_tma(k, k, dense, threshold - 1)
+    assert forward.loads_through_tma(k, k, dense, threshold)
+    ones = torch.ones(1, dtype=torch.int32, device=dev)
+    cache = AttnOptions(softmax_scale=0.125, diag_offset=0, kvcache=(ones, ones, None, 16))
+    assert forward.loads_through_tma(k, k, cache, 8)
+
+    decisions = []
+    decide = forward.loads_through_tma
+
+    def recording(*args):
+        decisions.append(decide(*args))
+        return decisions[-1]
+
+    monkeypatch.setattr(forward, "loads_through_tma", recording)
+    q, k, v = random_qkv(2, 113, 150, 3, 64, torch.float16, dev)
+    check_against_reference("flash_attn_func", q, k, v, causal=causal)
+    assert decisions == [False]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -296,6 +296,14 @@ features = {"tma_forward": True, "tma_backward": False, "tma_paged": False,
             "gluon_varlen": True}
 
 
+# The forward's TMA descriptors are made in each program, once: a cost that its loop over the
+# keys repays only when the loop is long. With fewer keys than this (and no KV cache, where
+# pointer loads measured slower, v5.10) forward.py loads through pointers: on the H200 that was
+# 3-15% faster at N = 512-1k, within 3% either way at 2k (docs/performance.md, v7.3).
+# 0: TMA at every length.
+TMA_FORWARD_MIN_SEQLEN_K = 2048
+
+
 def _tma_allocator(size: int, alignment: int, stream):
     """Global scratch for tensor descriptors made inside kernels."""
     return torch.empty(size, dtype=torch.int8, device="cuda")

@@ -259,6 +259,16 @@ _attn_fwd_tunable = configs.Tunable("fwd", _attn_fwd,
                                     extra_key=("KV_CACHE", "PAGED", "PAGE", "SPLIT_KV"))
 
 
+def loads_through_tma(k, v, opts: AttnOptions, seqlen_k: int) -> bool:
+    """Whether the forward reads k and v through TMA descriptors: a layout that allows it
+    (configs.use_tma), and either a contiguous KV cache or at least
+    configs.TMA_FORWARD_MIN_SEQLEN_K keys; paged caches only with the tma_paged feature."""
+    if opts.kvcache is None:
+        return seqlen_k >= configs.TMA_FORWARD_MIN_SEQLEN_K and configs.use_tma("forward", k, v)
+    paged = opts.kvcache[2] is not None
+    return configs.use_tma("forward", k, v) and (not paged or configs.features["tma_paged"])
+
+
 @on_first_tensors_device
 def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
                       out_dtype: torch.dtype | None = None):
@@ -298,8 +308,7 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
     kv_lists, mask_data, *mask_strides = opts.mask_args("kv", lse_k)
     seqlens_k, batch_idx, block_table, stride_btb = opts.kv_args(lse_k)
     kv_flags = opts.kv_flags()
-    use_tma = configs.use_tma("forward", k, v) and (
-        not kv_flags["PAGED"] or configs.features["tma_paged"])
+    use_tma = loads_through_tma(k, v, opts, seqlen_k)
     kernel, launch = _attn_fwd_tunable.select(configs.head_dim_pad(head_dim),
                                               configs.dot_precision(q.dtype))
 
