@@ -16,7 +16,6 @@ import argparse
 import statistics
 
 import torch
-import torch._functorch.config
 
 import flashtile
 from flashtile.bench.measure import time_mode
@@ -41,9 +40,6 @@ parser.add_argument("shapes", nargs="*", help="D,causal,N (default: six shapes)"
 args = parser.parse_args()
 VARIANTS = {name: VARIANTS[name] for name in args.variants.split(",")}
 AGAINST = [name for name in args.against.split(",") if name]
-# the bwd mode re-runs one graph's backward (retain_graph=True), which compiled backwards with
-# donated buffers refuse (Flex's): as `flashtile bench --features` does, they keep their buffers
-torch._functorch.config.donated_buffer = False
 if args.shapes:
     SHAPES = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
 

@@ -563,11 +563,6 @@ def run_features(args, meta: dict, out_dir: Path, dtype: torch.dtype, preset,
             f"choose from {', '.join(PROVIDERS)}")
         return 2
     providers = sorted(providers, key=lambda p: p != "flashtile")  # flashtile first: compared to
-    # The bwd mode re-runs one graph's backward (retain_graph=True), which compiled backwards
-    # with donated buffers refuse: let Flex's keep its buffers.
-    import torch._functorch.config
-
-    torch._functorch.config.donated_buffer = False
     modes = args.modes or list(preset.modes)
     warmup_ms, rep_ms = preset.warmup_ms, preset.rep_ms
     try:

@@ -82,6 +82,13 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
     # dynamic=False compiles once per shape, and a full grid has more shapes than dynamo's
     # default of 8 recompilations, past which flex_attention would run unfused, in eager mode.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    # The bwd mode re-runs one graph's backward (retain_graph=True, bench/measure.py), which a
+    # compiled backward with donated buffers refuses: whether AOTAutograd donates depends on the
+    # graph and the compile cache (one grid timed Flex's backward, a later run on another
+    # machine refused every one), so Flex keeps its buffers always.
+    from torch._functorch import config as functorch_config
+
+    functorch_config.donated_buffer = False
     return torch.compile(flex_attention, dynamic=False)
 
 
