@@ -281,7 +281,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # Kernel features that tests and tuning sweeps switch (docs/performance.md):
-# - tma_forward: TMA loads made the forward 9-15% faster on an H100 at head dim 128 (v2);
+# - tma_forward: TMA loads made the forward 9-15% faster on an H100 at head dim 128 (v2),
+#   from 2k keys (shorter: TMA_FORWARD_MIN_SEQLEN_K below);
 # - tma_backward: the backward with TMA moved -4% to +3%, within noise, so it keeps plain loads;
 # - tma_paged: paged KV caches through TMA were slower than the gather path (v5.5);
 # - overlap_dq: dQ on a second stream beside dK/dV, 0-5% faster, most at N = 1k (v5.8);
