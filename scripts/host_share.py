@@ -6,8 +6,11 @@ Usage: python scripts/host_share.py [--against sdpa-flash,flex] [--rounds R] [D,
        (default: the N <= 1k shapes of issue 3's grid at D 128)
 For each shape (batch·N = 16k tokens, heads = 2048 / D, bf16, (B, H, N, D) tensors) and pass
 (fwd; bwd = the gradients of q, k, v from a retained graph): TFLOP/s eager and replayed, median
-of the rounds with the spread, and eager ÷ replay. A pass whose eager time runs well past its
-replay, and varies where the replay does not, is held up by the host (docs/performance.md).
+of the rounds with the spread, and eager ÷ replay. A backward is captured with its forward (the
+autograd engine runs a backward on its forward's stream, so an eager forward's backward cannot
+join a capture): its replay time is that of forward + backward less the forward's. A pass whose
+eager time runs well past its replay, and varies where the replay does not, is held up by the
+host (docs/performance.md).
 """
 
 import argparse
@@ -36,20 +39,30 @@ for D, causal, N in shapes:
                for _ in range(3))
     dout = torch.randn_like(q)
     flops = 4 * B * H * N * N * D * (0.5 if causal else 1)
-    calls = {}
+    calls, both = {}, {}
     for name in names:
         forward = PROVIDERS[name](q, k, v, bool(causal))
         out = forward()  # compiles and tunes before any timing
         calls[name, "fwd"] = forward
         calls[name, "bwd"] = (lambda out=out, inputs=(q, k, v), dout=dout:
                               torch.autograd.grad(out, inputs, dout, retain_graph=True))
+        both[name] = (lambda forward=forward, inputs=(q, k, v), dout=dout:
+                      torch.autograd.grad(forward(), inputs, dout))
     tflops = {key: ([], []) for key in calls}
     for _ in range(args.rounds):
-        for (name, pass_), call in calls.items():
-            scale = flops * (2.5 if pass_ == "bwd" else 1.0) * 1e-9
-            eager, replay = tflops[name, pass_]
-            eager.append(scale / do_bench(call, warmup=25, rep=100, return_mode="median"))
-            replay.append(scale / time_graph(call, 25, 100))
+        for name in names:
+            try:
+                fwd_replay = time_graph(calls[name, "fwd"], 25, 100)
+                replays = {"fwd": fwd_replay, "bwd": time_graph(both[name], 25, 100) - fwd_replay}
+            except Exception as e:  # a provider that cannot be captured
+                print(f"{name}: no replay ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                replays = {"fwd": float("inf"), "bwd": float("inf")}
+            for pass_ in ("fwd", "bwd"):
+                scale = flops * (2.5 if pass_ == "bwd" else 1.0) * 1e-9
+                eager, replay = tflops[name, pass_]
+                eager.append(scale / do_bench(calls[name, pass_], warmup=25, rep=100,
+                                              return_mode="median"))
+                replay.append(scale / replays[pass_])
     for (name, pass_), (eager, replay) in tflops.items():
         cells = [f"{statistics.median(t):5.0f} ({min(t):.0f}-{max(t):.0f})"
                  for t in (eager, replay)]

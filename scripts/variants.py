@@ -1,7 +1,7 @@
 """Compare kernel variants in one run, beside other providers: feature flags (TMA loads per
 pass) and the keyword arguments of flash_attn_func.
 
-Usage: python scripts/variants.py [--variants "ptr,tma fwd"] [--against sdpa-cudnn,flex]
+Usage: python scripts/variants.py [--variants "default,no overlap"] [--against sdpa-cudnn,flex]
                                   [--rounds R] [--split] [D,causal,N ...]
 For each shape (batch·N = 16k tokens, heads = 2048 / D, bf16, the (B, H, N, D) tensors the bench
 passes): forward and backward TFLOP/s of flashtile under each variant and of each --against
@@ -22,15 +22,18 @@ from flashtile.bench.measure import time_mode
 from flashtile.bench.providers import PROVIDERS, flashtile_attention
 from flashtile.kernels import configs
 
-# name: (configs.features, flash_attn_func keyword arguments)
-DEFAULT = dict(tma_forward=True, tma_backward=False)
-VARIANTS = {"ptr": (dict(tma_forward=False, tma_backward=False), {}),
-            "tma fwd": (DEFAULT, {}),
-            "tma both": (dict(tma_forward=True, tma_backward=True), {})}
+# name: (configs.features switched from their defaults, flash_attn_func keyword arguments)
+DEFAULT = dict(configs.features)
+VARIANTS = {"default": ({}, {}),
+            "ptr": (dict(tma_forward=False, tma_backward=False), {}),
+            "tma both": (dict(tma_forward=True, tma_backward=True), {}),
+            "no overlap": (dict(overlap_dq=False), {}),
+            "triton bwd": (dict(gluon_backward=False), {}),
+            "triton bwd no overlap": (dict(gluon_backward=False, overlap_dq=False), {})}
 SHAPES = [(128, 0, 4096), (128, 1, 4096), (128, 0, 16384), (128, 1, 16384), (64, 0, 4096),
           (64, 1, 16384)]
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--variants", default=",".join(VARIANTS),
+parser.add_argument("--variants", default="default,ptr,tma both",
                     help="comma-separated names from: " + ", ".join(VARIANTS))
 parser.add_argument("--against", default="sdpa-cudnn",
                     help="comma-separated providers of flashtile bench: " + ", ".join(PROVIDERS))
