@@ -10,10 +10,26 @@ import inspect
 import pytest
 import torch
 
-from flashtile.kernels import hopper, hopper_backward
+from flashtile.kernels import configs, hopper, hopper_backward
+from flashtile.kernels.launch import Launcher, launcher_for
 from flashtile.kernels.params import AttnOptions
 
 POINTERS = {"Q", "K", "V", "O", "LSE", "CuSeqQ", "CuSeqK", "dO", "Delta", "dK", "dV", "dQ"}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["triton_launch", "gluon_launcher"])
+def _launch_path(request, monkeypatch):
+    """Each call both ways: Triton's own launch, and through launch.Launcher (which, for a
+    kernel that is not compiled, here a Recorder, hands the call on unchanged)."""
+    monkeypatch.setitem(configs.features, "gluon_launcher", request.param)
+
+
+def test_launcher_for_keeps_one_launcher_per_kernel():
+    first, second = Recorder(hopper._attn_fwd_hopper), Recorder(hopper._attn_fwd_hopper)
+    launcher = launcher_for(first)
+    assert isinstance(launcher, Launcher) and launcher.fn is first
+    assert launcher_for(first) is launcher
+    assert launcher_for(second) is not launcher and launcher_for(second).fn is second
 
 
 class Recorder:

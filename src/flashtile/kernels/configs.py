@@ -291,10 +291,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 # - gluon_backward: the dense backward's passes through kernels/hopper_backward.py on Hopper
 #   GPUs, each where it measured faster (v7);
 # - gluon_varlen: packed batches (one cu_seqlens for queries and keys) through the Gluon
-#   kernels too (v7.2: a drawn batch's forward 1.18x, backward 1.11x the Triton kernels').
+#   kernels too (v7.2: a drawn batch's forward 1.18x, backward 1.11x the Triton kernels');
+# - gluon_launcher: the Gluon kernels launched through launch.Launcher, as the Triton kernels
+#   are, instead of Triton's per-call binding; off until measured on a GPU (v7.4: the backward
+#   at N = 512 is held up by the host).
 features = {"tma_forward": True, "tma_backward": False, "tma_paged": False,
             "overlap_dq": True, "gluon_forward": True, "gluon_backward": True,
-            "gluon_varlen": True}
+            "gluon_varlen": True, "gluon_launcher": False}
 
 
 # The forward's TMA descriptors are made in each program, once: a cost that its loop over the

@@ -47,6 +47,7 @@ from triton.experimental.gluon.language.nvidia import hopper as gh
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from flashtile.kernels import configs
+from flashtile.kernels.launch import launcher_for
 from flashtile.kernels.params import LOG2E
 
 # Per head dim, the kernel and config that measured fastest (docs/performance.md v6, H200):
@@ -539,6 +540,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts,
     triton.set_allocator(configs._tma_allocator)  # for the descriptors made in the kernel
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)
     kernel = _attn_fwd_hopper_ws if ws else _attn_fwd_hopper
+    if configs.features["gluon_launcher"]:
+        kernel = launcher_for(kernel)
     kernel[grid](
         q, k, v, out, lse, cu_q, cu_k,
         *opts.strides(q)[:3], *opts.strides(k)[:3], *opts.strides(v)[:3],

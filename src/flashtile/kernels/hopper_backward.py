@@ -50,6 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from flashtile.kernels import configs, hopper
 from flashtile.kernels.hopper import _program_ids, _program_rows, _row_descriptor, _sequence
+from flashtile.kernels.launch import launcher_for
 from flashtile.kernels.params import LOG2E
 
 # (BLOCK_M, BLOCK_N, STAGES) per head dim, measured fastest on an H200 (docs/performance.md
@@ -421,6 +422,11 @@ def preferred(pass_name: str, q, k, v, do, grads, opts) -> bool:
     return hopper.supports(q, k, v, opts) and all(_tma_ready(t) for t in (do, *grads))
 
 
+def _launch(kernel):
+    """The kernel, or its launch.Launcher with configs.features["gluon_launcher"]."""
+    return launcher_for(kernel) if configs.features["gluon_launcher"] else kernel
+
+
 def dkdv(q, k, v, do, lse, delta, dk, dv, opts, config: tuple[int, int, int] | None = None):
     """Write dK, dV of a call that `hopper.supports` covers into dk, dv (k's and v's shapes):
     q, k, v, do (B, N, H, D); lse, delta (B, H, Nq) float32 with rows at unit stride, lse in
@@ -432,7 +438,7 @@ def dkdv(q, k, v, do, lse, delta, dk, dv, opts, config: tuple[int, int, int] | N
     cu_q, cu_k = opts.cu_seqlens(lse)
     triton.set_allocator(configs._tma_allocator)  # for the descriptors made in the kernel
     grid = (triton.cdiv(seqlen_k, block_n), nheads_k, batch)
-    _attn_bwd_dkdv_hopper[grid](
+    _launch(_attn_bwd_dkdv_hopper)[grid](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
         *opts.strides(q)[:3], *opts.strides(k)[:3], *opts.strides(v)[:3],
         *opts.strides(do)[:3], *opts.strides(dk)[:3], *opts.strides(dv)[:3],
@@ -454,7 +460,7 @@ def dq(q, k, v, do, lse, delta, dq, opts, config: tuple[int, int, int] | None = 
     cu_q, cu_k = opts.cu_seqlens(lse)
     triton.set_allocator(configs._tma_allocator)
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)
-    _attn_bwd_dq_hopper[grid](
+    _launch(_attn_bwd_dq_hopper)[grid](
         q, k, v, do, lse, delta, dq, cu_q, cu_k,
         *opts.strides(q)[:3], *opts.strides(k)[:3], *opts.strides(v)[:3],
         *opts.strides(do)[:3], *opts.strides(dq)[:3], opts.strides(lse)[0], lse.stride(1),

@@ -84,6 +84,19 @@ class Launcher:
         self.entries[key] = (compiled, tuple(trailing))
 
 
+_launchers: dict[int, tuple[object, Launcher]] = {}
+
+
+def launcher_for(fn) -> Launcher:
+    """The one `Launcher` of kernel `fn`, made on its first call: for call sites that choose
+    between Triton's own launch and this one at run time (the Gluon kernels, by
+    configs.features["gluon_launcher"])."""
+    entry = _launchers.get(id(fn))
+    if entry is None or entry[0] is not fn:
+        entry = _launchers[id(fn)] = (fn, Launcher(fn))
+    return entry[1]
+
+
 def _hooked(hook) -> bool:
     """Whether a launch hook is set: Triton 3.6 keeps them in HookChains, empty by default;
     a plain function or None is also accepted there."""
