@@ -10,7 +10,9 @@ of the rounds with the spread, and eager ÷ replay. A backward is captured with 
 autograd engine runs a backward on its forward's stream, so an eager forward's backward cannot
 join a capture): its replay time is that of forward + backward less the forward's. A pass whose
 eager time runs well past its replay, and varies where the replay does not, is held up by the
-host (docs/performance.md).
+host (docs/performance.md). Status: on the H200 at 6614cf2 every provider's capture failed
+(cudaErrorStreamCaptureInvalidated, flashtile's, SDPA's and Flex's alike), not yet explained;
+docs/performance.md v7.4 took the host's share from host-side timing instead.
 """
 
 import argparse
