@@ -1,73 +1,108 @@
-"""How much of a short call's measured time is the host's: each pass timed as the bench times it
-(eager, do_bench median) and as one replay of a CUDA graph of the same call (the GPU's work
-alone), for flashtile and the --against providers, with --rounds interleaved repetitions.
+"""How much of a short call's time is the host's: per pass, the wall time of --calls calls in a
+row and the host's time to issue them (the same calls, timed until the last one returns, before
+synchronizing). Where the host's time per call reaches the wall time, the GPU waits for the
+host, and the measured rate follows the host's pace (docs/performance.md v7.4).
 
-Usage: python scripts/host_share.py [--against sdpa-flash,flex] [--rounds R] [D,causal,N ...]
+Usage: python scripts/host_share.py [--against sdpa-flash,flex] [--variants "gluon_launcher=1"]
+                                    [--rounds R] [--calls C] [D,causal,N ...]
        (default: the N <= 1k shapes of issue 3's grid at D 128)
-For each shape (batch·N = 16k tokens, heads = 2048 / D, bf16, (B, H, N, D) tensors) and pass
-(fwd; bwd = the gradients of q, k, v from a retained graph): TFLOP/s eager and replayed, median
-of the rounds with the spread, and eager ÷ replay. A backward is captured with its forward (the
-autograd engine runs a backward on its forward's stream, so an eager forward's backward cannot
-join a capture): its replay time is that of forward + backward less the forward's. A pass whose
-eager time runs well past its replay, and varies where the replay does not, is held up by the
-host (docs/performance.md). Status: on the H200 at 6614cf2 every provider's capture failed
-(cudaErrorStreamCaptureInvalidated, flashtile's, SDPA's and Flex's alike), not yet explained;
-docs/performance.md v7.4 took the host's share from host-side timing instead.
+For each shape (batch·N = 16k tokens, heads = 2048 / D, bf16, (B, H, N, D) tensors, the bench's
+layout): rows for flashtile with its default features, for each --variants entry (configs.features
+switched: name=0|1, several joined by "+"), and for each --against provider (`flashtile bench`'s
+providers). Passes: fwd (the forward call), bwd (torch.autograd.grad of a retained forward) and,
+for flashtile, launch (kernels.backward.attention_backward on the forward's saved tensors: the
+launchers without autograd). Cells: host / wall µs per call, the median round with the range of
+the host's; "host-bound" where the host's median is 90% of the wall's or more.
 """
 
 import argparse
 import statistics
+import time
 
 import torch
-from triton.testing import do_bench
 
-from flashtile.bench.decode import time_graph
+import flashtile
 from flashtile.bench.providers import PROVIDERS
+from flashtile.kernels import configs
+from flashtile.kernels.backward import attention_backward
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--against", default="sdpa-flash")
-parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--against", default="sdpa-flash,flex")
+parser.add_argument("--variants", default="gluon_launcher=1,overlap_dq=0",
+                    help='comma-separated; each "name=0|1" or several joined by "+"')
+parser.add_argument("--rounds", type=int, default=5)
+parser.add_argument("--calls", type=int, default=50)
 parser.add_argument("shapes", nargs="*", help="D,causal,N")
 args = parser.parse_args()
 shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shapes]
-          or [(128, 0, 512), (128, 1, 512), (128, 0, 1024), (128, 1, 1024)])
-names = ["flashtile", *filter(None, args.against.split(","))]
+          or [(128, 1, 512), (128, 0, 512), (128, 1, 1024), (128, 0, 1024)])
+DEFAULT = dict(configs.features)
+variants = {"flashtile": {}}
+for entry in filter(None, args.variants.split(",")):
+    variants[f"flashtile {entry}"] = {name: bool(int(value)) for name, value in
+                                      (part.split("=") for part in entry.split("+"))}
+against = [name for name in args.against.split(",") if name]
 
-print(f"{'D':>4} {'c':>2} {'N':>6} {'pass':>4} {'provider':>10} | {'eager':>15} | "
-      f"{'replay':>15} | eager/replay")
+
+def host_and_wall(call, calls: int) -> tuple[float, float]:
+    """µs per call: until the last call returns, and until the GPU has finished them."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
+
+
+def flashtile_calls(q, k, v, dout, causal: bool) -> dict:
+    """fwd, bwd and launch calls of flash_attn_func on (B, N, H, D) views of the inputs."""
+    qt, kt, vt, dot = (t.transpose(1, 2) for t in (q, k, v, dout))
+    out = flashtile.flash_attn_func(qt, kt, vt, causal=causal)
+    node = out.grad_fn  # _FlashAttnFunction's: its saved tensors and options
+    saved, opts = node.saved_tensors, node.opts
+    return {"fwd": lambda: flashtile.flash_attn_func(qt, kt, vt, causal=causal),
+            "bwd": lambda: torch.autograd.grad(out, (q, k, v), dot, retain_graph=True),
+            "launch": lambda: attention_backward(dot, *saved, opts)}
+
+
+def provider_calls(name: str, q, k, v, dout, causal: bool) -> dict:
+    forward = PROVIDERS[name](q, k, v, causal)
+    out = forward()
+    return {"fwd": forward,
+            "bwd": lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)}
+
+
+print(f"{'D':>4} {'c':>2} {'N':>6} {'pass':>6} {'provider':>32} | {'host µs':>17} | "
+      f"{'wall µs':>8} |")
 for D, causal, N in shapes:
     B, H = 16384 // N, 2048 // D
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     dout = torch.randn_like(q)
-    flops = 4 * B * H * N * N * D * (0.5 if causal else 1)
-    calls, both = {}, {}
-    for name in names:
-        forward = PROVIDERS[name](q, k, v, bool(causal))
-        out = forward()  # compiles and tunes before any timing
-        calls[name, "fwd"] = forward
-        calls[name, "bwd"] = (lambda out=out, inputs=(q, k, v), dout=dout:
-                              torch.autograd.grad(out, inputs, dout, retain_graph=True))
-        both[name] = (lambda forward=forward, inputs=(q, k, v), dout=dout:
-                      torch.autograd.grad(forward(), inputs, dout))
-    tflops = {key: ([], []) for key in calls}
+    rows = {}
+    for name, switched in variants.items():
+        configs.features.update(DEFAULT, **switched)
+        for pass_, call in flashtile_calls(q, k, v, dout, bool(causal)).items():
+            call()  # compiles and tunes before any timing
+            rows[name, pass_] = (switched, call)
+    for name in against:
+        configs.features.update(DEFAULT)
+        for pass_, call in provider_calls(name, q, k, v, dout, bool(causal)).items():
+            call()
+            rows[name, pass_] = ({}, call)
+    configs.features.update(DEFAULT)
+    times = {key: ([], []) for key in rows}
     for _ in range(args.rounds):
-        for name in names:
-            try:
-                fwd_replay = time_graph(calls[name, "fwd"], 25, 100)
-                replays = {"fwd": fwd_replay, "bwd": time_graph(both[name], 25, 100) - fwd_replay}
-            except Exception as e:  # a provider that cannot be captured
-                print(f"{name}: no replay ({type(e).__name__}: {str(e)[:200]})", flush=True)
-                replays = {"fwd": float("inf"), "bwd": float("inf")}
-            for pass_ in ("fwd", "bwd"):
-                scale = flops * (2.5 if pass_ == "bwd" else 1.0) * 1e-9
-                eager, replay = tflops[name, pass_]
-                eager.append(scale / do_bench(calls[name, pass_], warmup=25, rep=100,
-                                              return_mode="median"))
-                replay.append(scale / replays[pass_])
-    for (name, pass_), (eager, replay) in tflops.items():
-        cells = [f"{statistics.median(t):5.0f} ({min(t):.0f}-{max(t):.0f})"
-                 for t in (eager, replay)]
-        ratio = statistics.median(replay) / statistics.median(eager)
-        print(f"{D:>4} {causal:>2} {N:>6} {pass_:>4} {name:>10} | {cells[0]:>15} | "
-              f"{cells[1]:>15} | {ratio:.2f}", flush=True)
+        for key, (switched, call) in rows.items():
+            configs.features.update(DEFAULT, **switched)
+            host, wall = host_and_wall(call, args.calls)
+            times[key][0].append(host)
+            times[key][1].append(wall)
+    configs.features.update(DEFAULT)
+    for (name, pass_), (host, wall) in times.items():
+        h, w = statistics.median(host), statistics.median(wall)
+        flag = "host-bound" if h >= 0.9 * w else ""
+        print(f"{D:>4} {causal:>2} {N:>6} {pass_:>6} {name:>32} | "
+              f"{h:6.0f} ({min(host):.0f}-{max(host):.0f}) | {w:8.0f} | {flag}", flush=True)
