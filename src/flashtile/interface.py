@@ -39,10 +39,15 @@ class _FlashAttnFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.opts = opts
         ctx.mark_non_differentiable(lse)
+        # lse has no gradient: without this autograd would fill a zeros tensor for it on every
+        # backward (an allocation and a memset launch) only for us to ignore it
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if dout is None:  # out was not used (lse alone takes no gradient)
+            return None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.opts)
         return dq, dk, dv, None
