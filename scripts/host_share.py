@@ -13,6 +13,8 @@ providers). Passes: fwd (the forward call), bwd (torch.autograd.grad of a retain
 for flashtile, launch (kernels.backward.attention_backward on the forward's saved tensors: the
 launchers without autograd). Cells: host / wall µs per call, the median round with the range of
 the host's; "host-bound" where the host's median is 90% of the wall's or more.
+--profile: then, per shape, the torch profiler's table of where the host's time goes in
+flashtile's bwd pass (Python, ATen and CUDA runtime calls, by self CPU time).
 """
 
 import argparse
@@ -32,6 +34,7 @@ parser.add_argument("--variants", default="gluon_launcher=1,overlap_dq=0",
                     help='comma-separated; each "name=0|1" or several joined by "+"')
 parser.add_argument("--rounds", type=int, default=5)
 parser.add_argument("--calls", type=int, default=50)
+parser.add_argument("--profile", action="store_true")
 parser.add_argument("shapes", nargs="*", help="D,causal,N")
 args = parser.parse_args()
 shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shapes]
@@ -106,3 +109,13 @@ for D, causal, N in shapes:
         flag = "host-bound" if h >= 0.9 * w else ""
         print(f"{D:>4} {causal:>2} {N:>6} {pass_:>6} {name:>32} | "
               f"{h:6.0f} ({min(host):.0f}-{max(host):.0f}) | {w:8.0f} | {flag}", flush=True)
+    if args.profile:
+        call = rows["flashtile", "bwd"][1]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA],
+                                    with_stack=False) as prof:
+            for _ in range(args.calls):
+                call()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20),
+              flush=True)
