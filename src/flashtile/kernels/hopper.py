@@ -518,6 +518,12 @@ def preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts) -> bool:
     return seqlen_k >= MIN_SEQLEN_K[head_dim, opts.causal] and supports(q, k, v, opts)
 
 
+def _launch(kernel):
+    """The kernel, or its launch.Launcher with configs.features["gluon_launcher"] (this
+    module's and hopper_backward.py's launches)."""
+    return launcher_for(kernel) if configs.features["gluon_launcher"] else kernel
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts,
                       config: tuple[int, int, int, int] | None = None,
                       out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
@@ -539,10 +545,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts,
     cu_q, cu_k = opts.cu_seqlens(lse)
     triton.set_allocator(configs._tma_allocator)  # for the descriptors made in the kernel
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)
-    kernel = _attn_fwd_hopper_ws if ws else _attn_fwd_hopper
-    if configs.features["gluon_launcher"]:
-        kernel = launcher_for(kernel)
-    kernel[grid](
+    _launch(_attn_fwd_hopper_ws if ws else _attn_fwd_hopper)[grid](
         q, k, v, out, lse, cu_q, cu_k,
         *opts.strides(q)[:3], *opts.strides(k)[:3], *opts.strides(v)[:3],
         *opts.strides(out)[:3], opts.strides(lse)[0], lse.stride(1),

@@ -49,8 +49,13 @@ from triton.experimental.gluon.language.nvidia import hopper as gh
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from flashtile.kernels import configs, hopper
-from flashtile.kernels.hopper import _program_ids, _program_rows, _row_descriptor, _sequence
-from flashtile.kernels.launch import launcher_for
+from flashtile.kernels.hopper import (
+    _launch,
+    _program_ids,
+    _program_rows,
+    _row_descriptor,
+    _sequence,
+)
 from flashtile.kernels.params import LOG2E
 
 # (BLOCK_M, BLOCK_N, STAGES) per head dim, measured fastest on an H200 (docs/performance.md
@@ -420,11 +425,6 @@ def preferred(pass_name: str, q, k, v, do, grads, opts) -> bool:
     if threshold is None or opts.problem(q, k)[2] < threshold:  # varlen: the longest keys
         return False
     return hopper.supports(q, k, v, opts) and all(_tma_ready(t) for t in (do, *grads))
-
-
-def _launch(kernel):
-    """The kernel, or its launch.Launcher with configs.features["gluon_launcher"]."""
-    return launcher_for(kernel) if configs.features["gluon_launcher"] else kernel
 
 
 def dkdv(q, k, v, do, lse, delta, dk, dv, opts, config: tuple[int, int, int] | None = None):
