@@ -13,8 +13,12 @@ providers). Passes: fwd (the forward call), bwd (torch.autograd.grad of a retain
 for flashtile, launch (kernels.backward.attention_backward on the forward's saved tensors: the
 launchers without autograd). Cells: host / wall µs per call, the median round with the range of
 the host's; "host-bound" where the host's median is 90% of the wall's or more.
+Last column: whether one call waits for the GPU (a synchronization somewhere in it): the call
+is issued behind ~50 ms of GPU sleep (torch.cuda._sleep) and the host's time for it printed in
+ms; a call that does not wait returns in well under 1 ms.
 --profile: then, per shape, the torch profiler's table of where the host's time goes in
-flashtile's bwd pass (Python, ATen and CUDA runtime calls, by self CPU time).
+flashtile's bwd pass (Python, ATen and CUDA runtime calls, by self CPU time), each call issued
+behind ~10 ms of GPU sleep, so that a call that waits stands out by its time.
 """
 
 import argparse
@@ -59,6 +63,17 @@ def host_and_wall(call, calls: int) -> tuple[float, float]:
     return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
 
 
+def waits_ms(call) -> float:
+    """Host ms of one call issued behind ~50 ms of GPU work (about 1e8 cycles)."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)
+    start = time.perf_counter()
+    call()
+    took = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return took * 1e3
+
+
 def flashtile_calls(q, k, v, dout, causal: bool) -> dict:
     """fwd, bwd and launch calls of flash_attn_func on (B, N, H, D) views of the inputs."""
     qt, kt, vt, dot = (t.transpose(1, 2) for t in (q, k, v, dout))
@@ -78,7 +93,7 @@ def provider_calls(name: str, q, k, v, dout, causal: bool) -> dict:
 
 
 print(f"{'D':>4} {'c':>2} {'N':>6} {'pass':>6} {'provider':>32} | {'host µs':>17} | "
-      f"{'wall µs':>8} |")
+      f"{'wall µs':>8} | {'waits ms':>8} |")
 for D, causal, N in shapes:
     B, H = 16384 // N, 2048 // D
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -103,18 +118,24 @@ for D, causal, N in shapes:
             host, wall = host_and_wall(call, args.calls)
             times[key][0].append(host)
             times[key][1].append(wall)
+    waits = {}
+    for key, (switched, call) in rows.items():
+        configs.features.update(DEFAULT, **switched)
+        waits[key] = waits_ms(call)
     configs.features.update(DEFAULT)
     for (name, pass_), (host, wall) in times.items():
         h, w = statistics.median(host), statistics.median(wall)
         flag = "host-bound" if h >= 0.9 * w else ""
         print(f"{D:>4} {causal:>2} {N:>6} {pass_:>6} {name:>32} | "
-              f"{h:6.0f} ({min(host):.0f}-{max(host):.0f}) | {w:8.0f} | {flag}", flush=True)
+              f"{h:6.0f} ({min(host):.0f}-{max(host):.0f}) | {w:8.0f} | "
+              f"{waits[name, pass_]:8.2f} | {flag}", flush=True)
     if args.profile:
         call = rows["flashtile", "bwd"][1]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA],
                                     with_stack=False) as prof:
             for _ in range(args.calls):
+                torch.cuda._sleep(20_000_000)
                 call()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20),
