@@ -84,17 +84,12 @@ class Launcher:
         self.entries[key] = (compiled, tuple(trailing))
 
 
-_launchers: dict[int, tuple[object, Launcher]] = {}
-
-
+@functools.cache
 def launcher_for(fn) -> Launcher:
     """The one `Launcher` of kernel `fn`, made on its first call: for call sites that choose
     between Triton's own launch and this one at run time (the Gluon kernels, by
     configs.features["gluon_launcher"])."""
-    entry = _launchers.get(id(fn))
-    if entry is None or entry[0] is not fn:
-        entry = _launchers[id(fn)] = (fn, Launcher(fn))
-    return entry[1]
+    return Launcher(fn)
 
 
 def _hooked(hook) -> bool:
