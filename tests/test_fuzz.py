@@ -336,6 +336,7 @@ def _fuzz_settings(test):
 def test_fuzz(rng, dev):
     case = draw_case(rng, DTYPE_NAMES)
     note(repr(case))
+    known = []  # comparisons over the rule by ONE_KEY_ROWS: reported after every other check
     for name, got, ref, base, fields in run_case(case, dev):
         for field in fields:
             try:
@@ -343,8 +344,11 @@ def test_fuzz(rng, dev):
             except AssertionError:
                 result = got[field] if isinstance(got, dict) else getattr(got, field)
                 if field in ("dq", "dk") and _one_key_rows(result, ref, base, field, case.dtype):
-                    pytest.xfail(f"{name} {field}: {ONE_KEY_ROWS}")
+                    known.append(f"{name} {field}")
+                    continue
                 raise
+    if known:  # ends the run here: hypothesis draws no further example after an xfail
+        pytest.xfail(f"{', '.join(known)}: {ONE_KEY_ROWS}")
 
 
 def _one_key_rows(got: torch.Tensor, ref: Reference, base: Reference, field: str,
