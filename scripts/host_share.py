@@ -3,7 +3,7 @@ row and the host's time to issue them (the same calls, timed until the last one 
 synchronizing). Where the host's time per call reaches the wall time, the GPU waits for the
 host, and the measured rate follows the host's pace (docs/performance.md v7.4).
 
-Usage: python scripts/host_share.py [--against sdpa-flash,flex] [--variants "gluon_launcher=1"]
+Usage: python scripts/host_share.py [--against sdpa-flash,flex] [--variants "gluon_launcher=0"]
                                     [--rounds R] [--calls C] [D,causal,N ...]
        (default: the N <= 1k shapes of issue 3's grid at D 128)
 For each shape (batch·N = 16k tokens, heads = 2048 / D, bf16, (B, H, N, D) tensors, the bench's
@@ -34,7 +34,7 @@ from flashtile.kernels.backward import attention_backward
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--against", default="sdpa-flash,flex")
-parser.add_argument("--variants", default="gluon_launcher=1,overlap_dq=0",
+parser.add_argument("--variants", default="gluon_launcher=0,overlap_dq=0",
                     help='comma-separated; each "name=0|1" or several joined by "+"')
 parser.add_argument("--rounds", type=int, default=5)
 parser.add_argument("--calls", type=int, default=50)

@@ -399,13 +399,27 @@ _attn_bwd_dkdv_tunable = configs.Tunable("bwd_dkdv", _attn_bwd_dkdv)
 _attn_bwd_dq_tunable = configs.Tunable("bwd_dq", _attn_bwd_dq)
 
 
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+class _DqStream:
+    """A second stream of the current device for dQ's launches. Made, it waits for everything
+    queued on the caller's stream so far; `with` it, launches go to it; on leaving, the caller's
+    stream waits for them. torch.cuda.stream() and two wait_stream() calls do the same in ~90 µs
+    of host time per backward on the H200's host, a fifth of a small backward's (v7.6)."""
 
+    _streams: dict[int, torch.cuda.Stream] = {}  # one per device, made on first use
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _side_streams:
-        _side_streams[device] = torch.cuda.Stream(device)
-    return _side_streams[device]
+    def __init__(self, device_index: int):
+        self.main = torch.cuda.current_stream(device_index)
+        self.side = self._streams.get(device_index)
+        if self.side is None:
+            self.side = self._streams[device_index] = torch.cuda.Stream(device_index)
+        self.side.wait_event(self.main.record_event())
+
+    def __enter__(self):
+        torch.cuda.set_stream(self.side)
+
+    def __exit__(self, *exc):
+        torch.cuda.set_stream(self.main)
+        self.main.wait_event(self.side.record_event())
 
 
 @on_first_tensors_device
@@ -445,11 +459,10 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     )
     # dK/dV and dQ depend only on what came before (Delta included), not on each other: with
     # `overlap_dq` dQ runs on a second stream, so that its programs fill the SMs that dK/dV's
-    # last wave leaves idle, and the caller's stream waits for both
-    side = _side_stream(q.device) if configs.features["overlap_dq"] and q.is_cuda else None
-    if side is not None:
-        main = torch.cuda.current_stream(q.device)
-        side.wait_stream(main)
+    # last wave leaves idle, and the caller's stream waits for both (q's device is the current
+    # one: on_first_tensors_device)
+    dq_stream = (_DqStream(q.device.index) if configs.features["overlap_dq"] and q.is_cuda
+                 else contextlib.nullcontext())
     gluon = configs.features["gluon_backward"]
     if gluon and hopper_backward.preferred("dkdv", q, k, v, do, (dk, dv), opts):
         hopper_backward.dkdv(q, k, v, do, lse, delta, dk, dv, opts)
@@ -462,7 +475,7 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
             *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
             *scalars, **per_kernel, **launch,
         )
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+    with dq_stream:
         if gluon and hopper_backward.preferred("dq", q, k, v, do, (dq,), opts):
             hopper_backward.dq(q, k, v, do, lse, delta, dq, opts)
         else:
@@ -474,6 +487,4 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
                 *opts.strides(dq), *lse_strides, stride_ab, *kv_list_strides, *scalars,
                 **per_kernel, **launch,
             )
-    if side is not None:
-        main.wait_stream(side)
     return dq, dk, dv
