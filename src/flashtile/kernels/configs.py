@@ -293,7 +293,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 # - gluon_varlen: packed batches (one cu_seqlens for queries and keys) through the Gluon
 #   kernels too (v7.2: a drawn batch's forward 1.18x, backward 1.11x the Triton kernels');
 # - gluon_launcher: the Gluon kernels launched through launch.Launcher, as the Triton kernels
-#   are, instead of Triton's per-call binding: 33 µs less host time per Gluon launch on the
+#   are, instead of Triton's per-call binding: ~37 µs less host time per Gluon launch on the
 #   H200's host, where the backward at N <= 1k waits for the host (v7.4, v7.6).
 features = {"tma_forward": True, "tma_backward": False, "tma_paged": False,
             "overlap_dq": True, "gluon_forward": True, "gluon_backward": True,
