@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels.configs import interpreting
-from flashtile.kernels.launch import Launcher
+from flashtile.kernels.launch import Launcher, Replay, recording
 
 DEVICE = "cpu" if interpreting() else "cuda"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled launches need a GPU")
@@ -149,6 +149,34 @@ def test_attention_again_takes_the_remembered_launches_and_agrees():
     finally:
         for name, launcher in launchers.items():
             launcher.fn = spies[name].fn
+
+
+def test_a_recorded_launch_replays_for_other_tensors():
+    """recording() keeps a launch through Launcher (compiled: the remembered kernel; under the
+    interpreter: the function), and Replay makes it again with other tensors in its place."""
+    x = torch.randn(1000, device=DEVICE)
+    launcher = Launcher(_scaled_copy)
+    _run(launcher, x, 1000, 1.5)  # compiled: Launcher remembers the signature
+    y = torch.full_like(x, float("nan"))
+    with recording() as launches:
+        launcher[_grid(1000)](x, y, 1000, 1.5, BLOCK=128)
+    assert launches.complete and len(launches) == 1
+    replay = Replay(launches[0], (x, y))
+    for _ in range(2):
+        other = torch.randn(1000, device=DEVICE)
+        out = torch.full_like(other, float("nan"))  # poisoned: an unwritten element shows
+        replay.replay((other, out))
+        torch.testing.assert_close(out, other * 1.5, rtol=0, atol=0)
+
+
+@needs_gpu
+def test_a_launch_through_triton_leaves_the_recording_incomplete():
+    """A first signature launches through Triton's own path, which is not recorded."""
+    launcher = Launcher(_scaled_copy)
+    x = torch.randn(1000, device="cuda")
+    with recording() as launches:
+        _run(launcher, x, 1000, 1.5)
+    assert not launches.complete and not launches
 
 
 def test_on_device_leaves_cpu_tensors_and_the_current_device_alone():

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashtile.kernels import configs, hopper_backward
+from flashtile.kernels import configs, hopper_backward, plans
 from flashtile.kernels.common import (
     LOG2E,
     apply_mask_mod,
@@ -43,7 +43,7 @@ from flashtile.kernels.common import (
     seq_bounds,
     visible,
 )
-from flashtile.kernels.launch import Launcher, on_first_tensors_device
+from flashtile.kernels.launch import Launcher, Replay, on_first_tensors_device
 from flashtile.kernels.params import AttnOptions
 
 
@@ -428,9 +428,23 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     `overlap_dq`). Layouts as attention_forward. On a Hopper GPU each pass of a dense call
     that `hopper_backward.preferred` accepts for it runs in the Gluon kernel of
     kernels/hopper_backward.py instead (same results, docs/performance.md v7).
+    With configs.features["replay"], a call whose signature has a plan replays its launches
+    (`Plan`, kernels/plans.py), and one that has none records them.
 
     Returns dq, dk, dv in the inputs' dtypes and memory layouts (dk, dv with k's heads).
     """
+    key = (plans.signature((do, q, k, v, out, lse), opts) if configs.features["replay"]
+           else None)
+    if key is None:
+        return _launch_backward(do, q, k, v, out, lse, opts)[0]
+    return plans.replayed_or_recorded(
+        _plans, key, (do, q, k, v, out, lse),
+        lambda *inputs: _launch_backward(*inputs, opts), Plan, launches=3)
+
+
+def _launch_backward(do, q, k, v, out, lse, opts: AttnOptions):
+    """attention_backward's launches: (dq, dk, dv), and every tensor they read or wrote, in
+    the order Plan takes them."""
     _, _, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     batch, seqlen_q, seqlen_k = opts.problem(q, k)
@@ -467,24 +481,55 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     if gluon and hopper_backward.preferred("dkdv", q, k, v, do, (dk, dv), opts):
         hopper_backward.dkdv(q, k, v, do, lse, delta, dk, dv, opts)
     else:
-        kernel, launch = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
-                                                  per_kernel["DOT_PRECISION"])
+        kernel, launch_kwargs = _attn_bwd_dkdv_tunable.select(common["HEAD_DIM_PAD"],
+                                                         per_kernel["DOT_PRECISION"])
         kernel[lambda meta: (configs.cdiv(seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
             q, k, v, do, lse, delta, dk, dv, alibi, q_lists, mask_data, cu_q, cu_k,
             *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
             *opts.strides(dk), *opts.strides(dv), *lse_strides, stride_ab, *q_list_strides,
-            *scalars, **per_kernel, **launch,
+            *scalars, **per_kernel, **launch_kwargs,
         )
     with dq_stream:
         if gluon and hopper_backward.preferred("dq", q, k, v, do, (dq,), opts):
             hopper_backward.dq(q, k, v, do, lse, delta, dq, opts)
         else:
-            kernel, launch = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
-                                                    per_kernel["DOT_PRECISION"])
+            kernel, launch_kwargs = _attn_bwd_dq_tunable.select(common["HEAD_DIM_PAD"],
+                                                           per_kernel["DOT_PRECISION"])
             kernel[lambda meta: (configs.cdiv(seqlen_q, meta["BLOCK_M"]), nheads, batch)](
                 q, k, v, do, lse, delta, dq, alibi, kv_lists, mask_data, cu_q, cu_k,
                 *opts.strides(q), *opts.strides(k), *opts.strides(v), *opts.strides(do),
                 *opts.strides(dq), *lse_strides, stride_ab, *kv_list_strides, *scalars,
-                **per_kernel, **launch,
+                **per_kernel, **launch_kwargs,
             )
-    return dq, dk, dv
+    return (dq, dk, dv), (do, q, k, v, out, lse, delta, dq, dk, dv)
+
+
+# -- Plans (kernels/plans.py): a backward's launches made again for the next call of its
+# signature, skipping the decisions and bindings above
+
+_plans = plans.cache()
+
+
+class Plan:
+    """The three launches of one backward (preprocess, dK/dV, dQ), as `_launch_backward` made
+    them, for calls of the same signature: new outputs, the same kernels and arguments, the
+    call's tensors in their places, dQ on the second stream as `overlap_dq` puts it.
+    `tensors`: `_launch_backward`'s second result."""
+
+    def __init__(self, launches, tensors: tuple):
+        self.preprocess, self.dkdv, self.dq = (Replay(r, tensors) for r in launches)
+
+    def __call__(self, do, q, k, v, out, lse):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        lse = lse.contiguous()
+        delta = torch.empty_like(lse)
+        tensors = (do, q, k, v, out, lse, delta, dq, dk, dv)
+        if q.is_cuda:
+            triton.set_allocator(configs._tma_allocator)  # the Gluon kernels' scratch
+        self.preprocess.replay(tensors)
+        dq_stream = (_DqStream(q.device.index) if configs.features["overlap_dq"] and q.is_cuda
+                     else contextlib.nullcontext())
+        self.dkdv.replay(tensors)
+        with dq_stream:
+            self.dq.replay(tensors)
+        return dq, dk, dv

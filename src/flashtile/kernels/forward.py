@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashtile.kernels import configs, hopper
+from flashtile.kernels import configs, hopper, plans
 from flashtile.kernels.common import (
     LOG2E,
     apply_mask_mod,
@@ -45,7 +45,7 @@ from flashtile.kernels.common import (
     seq_bounds,
     visible,
 )
-from flashtile.kernels.launch import Launcher, on_first_tensors_device
+from flashtile.kernels.launch import Launcher, Replay, on_first_tensors_device
 from flashtile.kernels.params import AttnOptions
 
 
@@ -281,8 +281,30 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
     natural log. Inputs are assumed validated (interface.py).
     On a Hopper GPU a dense call that `hopper.preferred` accepts runs the Gluon forward of
     kernels/hopper.py instead (same results, docs/performance.md v6).
+    With configs.features["replay"], a one-launch call (no splits, out in q's dtype) whose
+    signature has a plan replays its launch (`Plan`, kernels/plans.py); one that has none
+    records it.
     """
     out_dtype = out_dtype or q.dtype
+    key = None
+    if configs.features["replay"] and num_splits == 1 and out_dtype == q.dtype:
+        key = plans.signature((q, k, v), opts)
+    if key is None:
+        return _launch_forward(q, k, v, opts, num_splits, out_dtype)
+    return plans.replayed_or_recorded(_plans, key, (q, k, v),
+                                      lambda *inputs: _one_launch(*inputs, opts), Plan,
+                                      launches=1)
+
+
+def _one_launch(q, k, v, opts: AttnOptions):
+    """A forward of one launch: (out, lse), and every tensor it read or wrote, in the order
+    Plan takes them."""
+    out, lse = _launch_forward(q, k, v, opts, 1, q.dtype)
+    return (out, lse), (q, k, v, out, lse)
+
+
+def _launch_forward(q, k, v, opts: AttnOptions, num_splits: int, out_dtype: torch.dtype):
+    """attention_forward's launches: out, lse."""
     if (configs.features["gluon_forward"] and num_splits == 1 and out_dtype == q.dtype
             and hopper.preferred(q, k, v, opts)):
         return hopper.attention_forward(q, k, v, opts)
@@ -331,6 +353,30 @@ def attention_forward(q, k, v, opts: AttnOptions, num_splits: int = 1,
     if not split:
         return out, lse
     return combine_splits(out, lse, out_dtype)
+
+
+# -- Plans (kernels/plans.py): a forward's launch made again for the next call of its
+# signature, skipping the decisions and the binding above
+
+_plans = plans.cache()
+
+
+class Plan:
+    """The one launch of a forward (forward.py's kernel or the Gluon one), as `_one_launch`
+    made it, for calls of the same signature: a new out and lse, the same kernel and
+    arguments, the call's tensors in their places."""
+
+    def __init__(self, launches, tensors: tuple):
+        (self.attention,) = (Replay(r, tensors) for r in launches)
+
+    def __call__(self, q, k, v):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device,
+                          dtype=torch.float32)
+        if q.is_cuda:
+            triton.set_allocator(configs._tma_allocator)  # descriptors made in the kernels
+        self.attention.replay((q, k, v, out, lse))
+        return out, lse
 
 
 @triton.jit

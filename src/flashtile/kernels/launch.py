@@ -15,12 +15,17 @@ the one Triton would have chosen:
   specializes a pointer on.
 A new signature (first call, new shape or strides), a launch hook (a profiler such as Proton
 adds one), and the interpreter all take Triton's own path.
+
+A whole call can be remembered the same way: inside `with recording() as launches:` every
+launch through a Launcher on this thread is kept, and `Replay` makes one of them again with
+other tensors in the same places (kernels/backward.py's plans, configs.features["replay"]).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 from triton import knobs
@@ -46,23 +51,30 @@ class Launcher:
         return launch
 
     def launch(self, grid, args: tuple, kwargs: dict) -> None:
+        launches = getattr(_recording, "launches", None)
         if not self.compiled:
             self.fn[grid](*args, **kwargs)
+            if launches is not None:
+                launches.append(Recorded(self.fn, grid(kwargs) if callable(grid) else grid,
+                                         args, kwargs=kwargs))
             return
-        rt = knobs.runtime
         key = (tuple([(a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, torch.Tensor) else a
                       for a in args]), tuple(kwargs.items()),
                driver.active.get_current_device())
         entry = self.entries.get(key)
-        if entry is None or _hooked(rt.launch_enter_hook) or _hooked(rt.launch_exit_hook):
+        if entry is None or hooks_set():
             compiled = self.fn[grid](*args, **kwargs)
             if entry is None and compiled is not None:
                 self._remember(key, compiled, len(args), kwargs)
+            if launches is not None:
+                launches.complete = False  # launched by Triton: nothing to make again
             return
         compiled, trailing = entry
         if callable(grid):
             grid = grid(kwargs)
         grid = (*grid, 1, 1)
+        if launches is not None:
+            launches.append(Recorded(compiled, grid, args, trailing=trailing))
         compiled.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(key[-1]),
                      compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *trailing)
@@ -92,10 +104,86 @@ def launcher_for(fn) -> Launcher:
     return Launcher(fn)
 
 
+def hooks_set() -> bool:
+    """Whether a launch hook is set (a profiler's): then every launch takes Triton's path,
+    which calls it."""
+    rt = knobs.runtime
+    return _hooked(rt.launch_enter_hook) or _hooked(rt.launch_exit_hook)
+
+
 def _hooked(hook) -> bool:
     """Whether a launch hook is set: Triton 3.6 keeps them in HookChains, empty by default;
     a plain function or None is also accepted there."""
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+# -- Recording a call's launches, and making them again ------------------------------------
+
+_recording = threading.local()  # .launches: the Recording in progress on this thread
+
+
+class Recorded:
+    """One launch: the kernel (Triton's compiled kernel, or under the interpreter the function
+    itself), its grid (a tuple: three entries when compiled) and arguments; `trailing` the
+    compiled kernel's remaining parameters (Launcher._remember), `kwargs` the interpreted
+    function's keyword arguments."""
+
+    def __init__(self, kernel, grid: tuple, args: tuple, trailing: tuple = (),
+                 kwargs: dict | None = None):
+        self.kernel, self.grid, self.args = kernel, grid, args
+        self.trailing, self.kwargs = trailing, kwargs
+
+
+class Recording(list):
+    """The Recorded launches of one `recording()`, in order. `complete` is False when a launch
+    inside went through Triton's own path (a first signature, a launch hook), which is not
+    recorded."""
+
+    complete = True
+
+
+@contextlib.contextmanager
+def recording():
+    """`with recording() as launches:` keeps every launch through a Launcher on this thread."""
+    previous = getattr(_recording, "launches", None)
+    _recording.launches = launches = Recording()
+    try:
+        yield launches
+    finally:
+        _recording.launches = previous
+
+
+class Replay:
+    """A Recorded launch made again for other tensors of the same signature. Each tensor
+    argument of the recorded launch must be one of `tensors` (by identity): it becomes that
+    position, and `replay(tensors)` launches with the new call's tensors there. No tensor of
+    the recorded call is kept. Raises LookupError for a tensor that is not among them."""
+
+    def __init__(self, recorded: Recorded, tensors: tuple):
+        self.kernel, self.grid = recorded.kernel, recorded.grid
+        self.trailing, self.kwargs = recorded.trailing, recorded.kwargs
+        self.compiled = recorded.kwargs is None
+        self.args = list(recorded.args)
+        self.slots = []  # (argument position, index into tensors)
+        for position, arg in enumerate(recorded.args):
+            if isinstance(arg, torch.Tensor):
+                index = next((i for i, t in enumerate(tensors) if t is arg), None)
+                if index is None:
+                    raise LookupError(f"argument {position} is not one of the call's tensors")
+                self.slots.append((position, index))
+                self.args[position] = None
+
+    def replay(self, tensors: tuple) -> None:
+        args = self.args.copy()
+        for position, index in self.slots:
+            args[position] = tensors[index]
+        if not self.compiled:
+            self.kernel[self.grid](*args, **self.kwargs)
+            return
+        kernel, grid = self.kernel, self.grid
+        stream = driver.active.get_current_stream(driver.active.get_current_device())
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+                   None, None, None, *args, *self.trailing)
 
 
 def on_device(device: torch.device):
