@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels.configs import interpreting
-from flashtile.kernels.launch import Launcher, Replay, recording
+from flashtile.kernels.launch import Launcher, Recorded, Replay, recording
 
 DEVICE = "cpu" if interpreting() else "cuda"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled launches need a GPU")
@@ -167,6 +167,18 @@ def test_a_recorded_launch_replays_for_other_tensors():
         out = torch.full_like(other, float("nan"))  # poisoned: an unwritten element shows
         replay.replay((other, out))
         torch.testing.assert_close(out, other * 1.5, rtol=0, atol=0)
+
+
+def test_a_replay_wants_each_tensor_once_among_the_calls():
+    """A tensor argument must be one of the call's tensors, and only one: with one tensor in
+    two places, which one the launch took could not be told."""
+    x, y = torch.zeros(2), torch.zeros(2)
+    recorded = Recorded(object(), (1, 1, 1), (x, y, 3), kwargs={})
+    with pytest.raises(LookupError, match="argument 1 is 0 of the call's tensors"):
+        Replay(recorded, (x,))
+    with pytest.raises(LookupError, match="argument 0 is 2 of the call's tensors"):
+        Replay(recorded, (x, x, y))
+    assert Replay(recorded, (y, x)).slots == [(0, 1), (1, 0)]
 
 
 @needs_gpu

@@ -9,7 +9,7 @@ import torch
 from conftest import needs_hopper, record_calls
 
 from flashtile import flash_attn_func
-from flashtile.kernels import backward, configs, forward, hopper_backward, launch, plans
+from flashtile.kernels import backward, configs, forward, hopper_backward, plans
 from flashtile.kernels.params import AttnOptions
 from flashtile.testing import check_attention, random_qkv, reference_attention
 
@@ -149,10 +149,20 @@ def test_a_plan_keeps_no_tensor_of_the_recorded_call(dev):
         assert not any(isinstance(a, torch.Tensor) for a in replay.trailing)
 
 
-def test_replay_wants_the_calls_own_tensors():
-    recorded = launch.Recorded(object(), (1, 1, 1), (torch.zeros(2), 3), kwargs={})
-    with pytest.raises(LookupError, match="argument 0"):
-        launch.Replay(recorded, (torch.zeros(2),))
+def test_a_call_with_one_tensor_in_several_places_records_no_plan(dev, poisoned):
+    """flash_attn_func(x, x, x) cannot tell which of q, k, v each launch argument was: such a
+    call records nothing, a later call with three tensors records the plan, and the plan
+    replays for both kinds."""
+    x = random_qkv(1, 24, 24, 2, 32, torch.float16, dev)[0]
+    dout = torch.randn_like(x)
+    for _ in range(3):
+        _assert_same(_run(x, x, x, dout, True), _run(x, x, x, dout, False))
+    assert not forward._plans and not backward._plans
+    q, k, v = random_qkv(1, 24, 24, 2, 32, torch.float16, dev)
+    _assert_same(*_replayed_and_launched(q, k, v, dout))
+    assert len(forward._plans) == len(backward._plans) == 1
+    _assert_same(_run(x, x, x, dout, True), _run(x, x, x, dout, False))
+    assert len(forward._plans) == len(backward._plans) == 1
 
 
 @needs_hopper

@@ -155,9 +155,12 @@ def recording():
 
 class Replay:
     """A Recorded launch made again for other tensors of the same signature. Each tensor
-    argument of the recorded launch must be one of `tensors` (by identity): it becomes that
-    position, and `replay(tensors)` launches with the new call's tensors there. No tensor of
-    the recorded call is kept. Raises LookupError for a tensor that is not among them."""
+    argument of the recorded launch must be exactly one of `tensors` (by identity): it becomes
+    that position, and `replay(tensors)` launches with the new call's tensors there. No tensor
+    of the recorded call is kept. Raises LookupError for a tensor that is not among them, or
+    that stands in several places of them (flash_attn_func(x, x, x): which of q, k, v a
+    parameter took could not be told, and a later call with three tensors would get the
+    wrong one)."""
 
     def __init__(self, recorded: Recorded, tensors: tuple):
         self.kernel, self.grid = recorded.kernel, recorded.grid
@@ -167,10 +170,11 @@ class Replay:
         self.slots = []  # (argument position, index into tensors)
         for position, arg in enumerate(recorded.args):
             if isinstance(arg, torch.Tensor):
-                index = next((i for i, t in enumerate(tensors) if t is arg), None)
-                if index is None:
-                    raise LookupError(f"argument {position} is not one of the call's tensors")
-                self.slots.append((position, index))
+                found = [i for i, t in enumerate(tensors) if t is arg]
+                if len(found) != 1:
+                    raise LookupError(f"argument {position} is {len(found)} of the call's "
+                                      "tensors, not one")
+                self.slots.append((position, found[0]))
                 self.args[position] = None
 
     def replay(self, tensors: tuple) -> None:
