@@ -179,6 +179,9 @@ def test_a_replay_wants_each_tensor_once_among_the_calls():
     with pytest.raises(LookupError, match="argument 0 is 2 of the call's tensors"):
         Replay(recorded, (x, x, y))
     assert Replay(recorded, (y, x)).slots == [(0, 1), (1, 0)]
+    holder = Recorded(object(), (1, 1, 1), (x, [y]), kwargs={})  # a tensor inside an object
+    with pytest.raises(LookupError, match="argument 1 is a list"):
+        Replay(holder, (x, y))
 
 
 @needs_gpu

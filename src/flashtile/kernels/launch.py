@@ -160,7 +160,7 @@ class Replay:
     of the recorded call is kept. Raises LookupError for a tensor that is not among them, or
     that stands in several places of them (flash_attn_func(x, x, x): which of q, k, v a
     parameter took could not be told, and a later call with three tensors would get the
-    wrong one)."""
+    wrong one), and for an argument that is neither a tensor nor a plain value."""
 
     def __init__(self, recorded: Recorded, tensors: tuple):
         self.kernel, self.grid = recorded.kernel, recorded.grid
@@ -176,6 +176,10 @@ class Replay:
                                       "tensors, not one")
                 self.slots.append((position, found[0]))
                 self.args[position] = None
+            elif not isinstance(arg, (int, float, str, type(None))):
+                # an object that may hold a tensor (a host-side tensor descriptor): replayed as
+                # it is, it would point at the recorded call's memory
+                raise LookupError(f"argument {position} is a {type(arg).__name__}")
 
     def replay(self, tensors: tuple) -> None:
         args = self.args.copy()
