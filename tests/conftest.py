@@ -72,8 +72,8 @@ def _tma_at_every_length(monkeypatch):
     monkeypatch.setattr(configs, "TMA_FORWARD_MIN_SEQLEN_K", 0)
 
 
-# A backward plan (configs.features["replay"]) is keyed by what the call decides its launches
-# from; module thresholds and config tables that a test changes are not in that key.
+# A plan (kernels/plans.py, configs.features["replay"]) is keyed by what a call decides its
+# launches from; the module thresholds and config tables that tests change are not in that key.
 @pytest.fixture(autouse=True)
 def _no_plans_across_tests():
     plans.forget()

@@ -87,7 +87,7 @@ def set_override(kernel: str, config: KernelConfig | None) -> None:
 
 def choice_state() -> tuple:
     """What decides a launch's config besides the call itself (the overrides, autotuning on or
-    off): part of a backward plan's key (kernels/backward.py)."""
+    off): part of a plan's signature (kernels/plans.py)."""
     return tuple(_override.items()), autotuning()
 
 
@@ -301,9 +301,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 # - gluon_launcher: the Gluon kernels launched through launch.Launcher, as the Triton kernels
 #   are, instead of Triton's per-call binding: ~37 µs less host time per Gluon launch on the
 #   H200's host, where the backward at N <= 1k waits for the host (v7.4, v7.6).
-# - replay: a backward whose signature was seen replays the launches recorded for it
-#   (backward.Plan) instead of deciding and binding them again; off until timed on a GPU
-#   (v7.7).
+# - replay: a dense forward or backward whose signature was seen replays the launches
+#   recorded for it (kernels/plans.py) instead of deciding and binding them again; off until
+#   timed on a GPU (v7.7).
 features = {"tma_forward": True, "tma_backward": False, "tma_paged": False,
             "overlap_dq": True, "gluon_forward": True, "gluon_backward": True,
             "gluon_varlen": True, "gluon_launcher": True, "replay": False}

@@ -18,7 +18,7 @@ adds one), and the interpreter all take Triton's own path.
 
 A whole call can be remembered the same way: inside `with recording() as launches:` every
 launch through a Launcher on this thread is kept, and `Replay` makes one of them again with
-other tensors in the same places (kernels/backward.py's plans, configs.features["replay"]).
+other tensors in the same places (kernels/plans.py, configs.features["replay"]).
 """
 
 from __future__ import annotations
