@@ -442,17 +442,20 @@ def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
         lambda *inputs: _launch_backward(*inputs, opts), Plan, launches=3)
 
 
+def _buffers(q, k, v, lse):
+    """dq, dk, dv in q's, k's, v's layouts; lse and Delta (B, H, Nq) with one set of strides,
+    rows at unit stride (a view of a larger lse, a slice as ring attention passes, is copied)."""
+    lse = lse.contiguous()
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), lse, torch.empty_like(lse)
+
+
 def _launch_backward(do, q, k, v, out, lse, opts: AttnOptions):
     """attention_backward's launches: (dq, dk, dv), and every tensor they read or wrote, in
     the order Plan takes them."""
     _, _, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     batch, seqlen_q, seqlen_k = opts.problem(q, k)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    # LSE and Delta share one set of strides, with rows at unit stride: a view of a larger lse
-    # (a slice, as ring attention passes) is copied first
-    lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    dq, dk, dv, lse, delta = _buffers(q, k, v, lse)
     alibi, stride_ab = opts.alibi(lse)
     cu_q, cu_k = opts.cu_seqlens(lse)
     q_lists, mask_data, *q_list_strides = opts.mask_args("q", lse)
@@ -520,9 +523,7 @@ class Plan:
         self.preprocess, self.dkdv, self.dq = (Replay(r, tensors) for r in launches)
 
     def __call__(self, do, q, k, v, out, lse):
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        lse = lse.contiguous()
-        delta = torch.empty_like(lse)
+        dq, dk, dv, lse, delta = _buffers(q, k, v, lse)
         tensors = (do, q, k, v, out, lse, delta, dq, dk, dv)
         if q.is_cuda:
             triton.set_allocator(configs._tma_allocator)  # the Gluon kernels' scratch

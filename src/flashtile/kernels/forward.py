@@ -303,6 +303,12 @@ def _one_launch(q, k, v, opts: AttnOptions):
     return (out, lse), (q, k, v, out, lse)
 
 
+def _outputs(q, out_dtype: torch.dtype):
+    """out in q's layout and out_dtype, lse (B, H, Nq) float32."""
+    return torch.empty_like(q, dtype=out_dtype), torch.empty(
+        q.shape[0], q.shape[2], q.shape[1], device=q.device, dtype=torch.float32)
+
+
 def _launch_forward(q, k, v, opts: AttnOptions, num_splits: int, out_dtype: torch.dtype):
     """attention_forward's launches: out, lse."""
     if (configs.features["gluon_forward"] and num_splits == 1 and out_dtype == q.dtype
@@ -322,9 +328,7 @@ def _launch_forward(q, k, v, opts: AttnOptions, num_splits: int, out_dtype: torc
                           dtype=torch.float32)
         out_k, lse_k = out[0], lse[0]  # what the kernel indexes; splits by stride
     else:
-        out_k = out = torch.empty_like(q, dtype=out_dtype)
-        lse_k = lse = torch.empty(q.shape[0], nheads, q.shape[1], device=q.device,
-                                  dtype=torch.float32)
+        out_k, lse_k = out, lse = _outputs(q, out_dtype)
     alibi, stride_ab = opts.alibi(lse_k)
     cu_q, cu_k = opts.cu_seqlens(lse_k)
     kv_lists, mask_data, *mask_strides = opts.mask_args("kv", lse_k)
@@ -370,9 +374,7 @@ class Plan:
         (self.attention,) = (Replay(r, tensors) for r in launches)
 
     def __call__(self, q, k, v):
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device,
-                          dtype=torch.float32)
+        out, lse = _outputs(q, q.dtype)
         if q.is_cuda:
             triton.set_allocator(configs._tma_allocator)  # descriptors made in the kernels
         self.attention.replay((q, k, v, out, lse))
