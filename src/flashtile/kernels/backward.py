@@ -422,6 +422,14 @@ class _DqStream:
         self.main.wait_event(self.side.record_event())
 
 
+def _dq_stream(q):
+    """Where dQ's launches go: a _DqStream with `overlap_dq` on a GPU (q's device is the
+    current one: on_first_tensors_device), else the caller's stream."""
+    if configs.features["overlap_dq"] and q.is_cuda:
+        return _DqStream(q.device.index)
+    return contextlib.nullcontext()
+
+
 @on_first_tensors_device
 def attention_backward(do, q, k, v, out, lse, opts: AttnOptions):
     """Launch the backward: Delta, then dK and dV beside dQ (on a second stream with
@@ -476,10 +484,8 @@ def _launch_backward(do, q, k, v, out, lse, opts: AttnOptions):
     )
     # dK/dV and dQ depend only on what came before (Delta included), not on each other: with
     # `overlap_dq` dQ runs on a second stream, so that its programs fill the SMs that dK/dV's
-    # last wave leaves idle, and the caller's stream waits for both (q's device is the current
-    # one: on_first_tensors_device)
-    dq_stream = (_DqStream(q.device.index) if configs.features["overlap_dq"] and q.is_cuda
-                 else contextlib.nullcontext())
+    # last wave leaves idle, and the caller's stream waits for both
+    dq_stream = _dq_stream(q)
     gluon = configs.features["gluon_backward"]
     if gluon and hopper_backward.preferred("dkdv", q, k, v, do, (dk, dv), opts):
         hopper_backward.dkdv(q, k, v, do, lse, delta, dk, dv, opts)
@@ -528,8 +534,7 @@ class Plan:
         if q.is_cuda:
             triton.set_allocator(configs._tma_allocator)  # the Gluon kernels' scratch
         self.preprocess.replay(tensors)
-        dq_stream = (_DqStream(q.device.index) if configs.features["overlap_dq"] and q.is_cuda
-                     else contextlib.nullcontext())
+        dq_stream = _dq_stream(q)
         self.dkdv.replay(tensors)
         with dq_stream:
             self.dq.replay(tensors)
