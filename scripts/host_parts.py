@@ -2,8 +2,9 @@
 (D 128 causal N 512 by default, (B, N, H, D) bf16 tensors, B·N = 16k, H 16), then the floors
 under them. docs/performance.md v7.6 has its figures.
 
-Usage: python scripts/host_parts.py [--calls C] [--replay] [D,causal,N]
---replay: with configs.features["replay"] on (backward plans, v7.7) after part 2's capture.
+Usage: python scripts/host_parts.py [--calls C] [--no-replay] [D,causal,N]
+--no-replay: with configs.features["replay"] (plans, v7.7; on by default) off after part 2's
+capture, which always runs with it off, so that every launch goes through Launcher.
 
 Part 1: the functions a call goes through are wrapped with timers (perf_counter, ~0.5 µs of
 overhead each, so the total reads a little high); per pass, each piece's host µs per call,
@@ -29,7 +30,7 @@ from flashtile.kernels import backward, configs, forward, hopper, hopper_backwar
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--calls", type=int, default=20)
-parser.add_argument("--replay", action="store_true")
+parser.add_argument("--no-replay", action="store_true")
 parser.add_argument("shape", nargs="?", default="128,1,512", help="D,causal,N")
 args = parser.parse_args()
 D, causal, N = (int(x) for x in args.shape.split(","))
@@ -63,14 +64,15 @@ def remember(self, grid, launch_args, kwargs):
     return unwrapped(self, grid, launch_args, kwargs)
 
 
+configs.features["replay"] = False
 out = flashtile.flash_attn_func(q, k, v, causal=bool(causal))
 for _ in range(3):  # compiles and tunes; Launcher remembers the signatures
     torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 launch.Launcher.launch = remember
 torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 launch.Launcher.launch = unwrapped
-configs.features["replay"] = args.replay
-for _ in range(2):  # with --replay: records the plan
+configs.features["replay"] = not args.no_replay
+for _ in range(2):  # with replay on: records the plan
     torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 triton.set_allocator(configs._tma_allocator)  # the Gluon kernels' scratch, on this thread too
 

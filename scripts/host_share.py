@@ -34,7 +34,7 @@ from flashtile.kernels.backward import attention_backward
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--against", default="sdpa-flash,flex")
-parser.add_argument("--variants", default="gluon_launcher=0,overlap_dq=0,replay=1",
+parser.add_argument("--variants", default="gluon_launcher=0,overlap_dq=0,replay=0",
                     help='comma-separated; each "name=0|1" or several joined by "+"')
 parser.add_argument("--rounds", type=int, default=5)
 parser.add_argument("--calls", type=int, default=50)

@@ -31,7 +31,7 @@ VARIANTS = {"default": ({}, {}),
             "triton bwd": (dict(gluon_backward=False), {}),
             "triton bwd no overlap": (dict(gluon_backward=False, overlap_dq=False), {}),
             "triton launch": (dict(gluon_launcher=False), {}),
-            "replay": (dict(replay=True), {})}
+            "no replay": (dict(replay=False), {})}
 SHAPES = [(128, 0, 4096), (128, 1, 4096), (128, 0, 16384), (128, 1, 16384), (64, 0, 4096),
           (64, 1, 16384)]
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

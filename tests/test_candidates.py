@@ -59,7 +59,7 @@ def forced():
         configs.set_override(kernel, None)
 
 
-@pytest.mark.parametrize("kernel,padded,config", _params())
+@pytest.mark.parametrize("kernel,padded,config", list(_params()))
 def test_candidate(kernel, padded, config, forced, dev):
     forced(kernel, config)
     seqlen_q, seqlen_k = SEQLENS[padded]
@@ -74,7 +74,7 @@ def test_candidate(kernel, padded, config, forced, dev):
 
 @pytest.mark.parametrize("paged", [None, "gather", "tma"],
                          ids=["contiguous", "paged_gather", "paged_tma"])
-@pytest.mark.parametrize("padded,config", _decode_params())
+@pytest.mark.parametrize("padded,config", list(_decode_params()))
 def test_decode_candidate(padded, config, paged, forced, dev, monkeypatch):
     """One new token per entry against cached prefixes of 5, 300 and 700 keys, 8 query heads on
     2 kv heads (PACK_GQA), split-KV chosen automatically; the cache contiguous, or in shuffled
