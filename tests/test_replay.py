@@ -4,6 +4,9 @@ and gradients are the FlashAttention rule's and bitwise those of the launches ma
 every element written; a new layout, length, dtype, option, feature or config choice records a
 plan of its own; calls with tensors among their options, or with dropout, record none."""
 
+import contextlib
+import threading
+
 import pytest
 import torch
 from conftest import needs_hopper, record_calls
@@ -177,3 +180,40 @@ def test_replayed_gluon_backward_is_the_launched_one(causal, poisoned):
         q, k, v = random_qkv(4, 512, 512, 4, 128, torch.bfloat16)
         _assert_same(*_replayed_and_launched(q, k, v, torch.randn_like(q), causal=causal))
     assert len(forward._plans) == len(backward._plans) == 1
+
+
+def test_threads_record_and_replay_their_own_plans(dev):
+    """A recording belongs to its thread (launch.recording), the plans to every thread: two
+    threads calling with different signatures at once each get their own plan, and every call's
+    results are the launched ones."""
+    shapes = {"a": (1, 24, 2, 32), "b": (2, 40, 3, 16)}
+    inputs = {}
+    for name, (batch, seqlen, nheads, head_dim) in shapes.items():
+        q, k, v = random_qkv(batch, seqlen, seqlen, nheads, head_dim, torch.float16, dev)
+        inputs[name] = (q, k, v, torch.randn_like(q))
+    results, errors = {name: [] for name in shapes}, []
+    # Triton's interpreter patches triton.language while a kernel runs, so on the CPU one call
+    # runs at a time (the threads' calls interleave); on a GPU they overlap
+    one_at_a_time = threading.Lock() if dev.type == "cpu" else contextlib.nullcontext()
+
+    def calls(name):
+        try:
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            for _ in range(4):
+                with one_at_a_time:
+                    results[name].append(_run(*inputs[name], True, causal=True))
+        except Exception as e:  # re-raised by the test below, on its own thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=calls, args=(name,)) for name in shapes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(forward._plans) == len(backward._plans) == 2
+    for name in shapes:
+        launched = _run(*inputs[name], False, causal=True)
+        for replayed in results[name]:
+            _assert_same(replayed, launched)
