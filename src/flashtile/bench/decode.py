@@ -40,7 +40,6 @@ Writes decode.md and decode.json to the output folder.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -51,7 +50,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import flashtile
-from flashtile.bench.features import _json_ready, check_heads, output_diff
+from flashtile.bench import tables
+from flashtile.bench.features import check_heads, output_diff
 from flashtile.bench.measure import _first_line, time_mode
 from flashtile.bench.providers import Forward, Unavailable
 from flashtile.bench.report import _markdown, header
@@ -407,32 +407,9 @@ def decode_inputs(case: DecodeCase, dtype: torch.dtype, device="cuda"
 # Reports: pure Python over DecodeResults, tested on the CPU
 
 
-MARK = {"skipped": "-", "failed": "FAIL", "error": "err"}
-
-
-def _providers(results: list[DecodeResult]) -> list[str]:
-    seen = dict.fromkeys(r.provider for r in results)
-    return [p for p in seen if any(r.provider == p and r.status != "skipped" for r in results)]
-
-
-def _cases(results: list[DecodeResult]) -> list[DecodeCase]:
-    return list(dict.fromkeys(r.case for r in results))
-
-
 def _index(results: list[DecodeResult]) -> dict[tuple[DecodeCase, str], DecodeResult]:
+    """tables.index's, without a mode: a decoding step has only its forward."""
     return {(r.case, r.provider): r for r in results}
-
-
-def _ok(r: DecodeResult | None) -> bool:
-    return r is not None and r.status == "ok" and r.ms is not None
-
-
-def _cell(r: DecodeResult | None, value: float | None, fmt: str) -> str:
-    if r is None:
-        return "-"
-    if r.status != "ok":
-        return MARK[r.status]
-    return fmt.format(value) if value is not None else "-"
 
 
 def copy_fraction(gbps: float | None, copy_gbps: float | None) -> float | None:
@@ -453,7 +430,7 @@ def summary(results: list[DecodeResult], copy_gbps: float | None) -> list[dict]:
     applies, whether each flashtile provider meets it (None where not measured)."""
     by = _index(results)
     rows = []
-    for case in _cases(results):
+    for case in tables.cases(results):
         row = dict(batch=case.batch, cache_len=case.cache_len, kv_bytes=case.kv_bytes(),
                    providers={}, target=TARGET_FRACTION if targeted(case) else None)
         sdpa = by.get((case, "sdpa"))
@@ -461,12 +438,14 @@ def summary(results: list[DecodeResult], copy_gbps: float | None) -> list[dict]:
             r = by.get((case, p))
             if r is None:
                 continue
-            fraction = copy_fraction(r.gbps, copy_gbps) if _ok(r) else None
-            entry = dict(status=r.status, us=r.us if _ok(r) else None,
-                         eager_us=r.eager_ms * 1e3 if _ok(r) and r.eager_ms else None,
-                         gbps=r.gbps if _ok(r) else None, copy_fraction=fraction)
+            ok = tables.ms(r) is not None
+            fraction = copy_fraction(r.gbps, copy_gbps) if ok else None
+            entry = dict(status=r.status, us=r.us if ok else None,
+                         eager_us=r.eager_ms * 1e3 if ok and r.eager_ms else None,
+                         gbps=r.gbps if ok else None, copy_fraction=fraction)
             if p in FLASHTILE:
-                entry["speed_vs_sdpa"] = sdpa.ms / r.ms if _ok(sdpa) and _ok(r) else None
+                sdpa_ms = tables.ms(sdpa)
+                entry["speed_vs_sdpa"] = sdpa_ms / r.ms if sdpa_ms is not None and ok else None
                 entry["met"] = (fraction >= TARGET_FRACTION
                                 if targeted(case) and fraction is not None else None)
             row["providers"][p] = entry
@@ -490,7 +469,7 @@ def times_table(results: list[DecodeResult], copy_gbps: float | None) -> str:
     """One row per case: K+V MiB read; each provider's µs (CUDA graph replay), GB/s and % of
     the copy bandwidth; each flashtile provider's speed ÷ SDPA's; the target and whether it is
     met; each provider's eager µs (host work included)."""
-    providers = _providers(results)
+    providers = tables.providers(results)
     by = _index(results)
     ours = [p for p in providers if p in FLASHTILE]
     ratio = [p for p in ours if "sdpa" in providers]
@@ -499,21 +478,22 @@ def times_table(results: list[DecodeResult], copy_gbps: float | None) -> str:
             + [f"{p} ÷ sdpa" for p in ratio] + ["target"] + [f"{p} meets" for p in ours]
             + [f"{p} eager µs" for p in providers])
     rows = []
-    for case, row in zip(_cases(results), summary(results, copy_gbps)):
+    for case, row in zip(tables.cases(results), summary(results, copy_gbps)):
         cells = [by.get((case, p)) for p in providers]
         entries = [row["providers"].get(p, {}) for p in providers]
         line = [str(case.cache_len), str(case.batch), f"{case.kv_bytes() / 2**20:,.0f}"]
-        line += [_cell(r, e.get("us"), "{:.1f}") for r, e in zip(cells, entries)]
-        line += [_cell(r, e.get("gbps"), "{:.0f}") for r, e in zip(cells, entries)]
-        line += [_cell(r, None if e.get("copy_fraction") is None else 100 * e["copy_fraction"],
-                       "{:.0f}%") for r, e in zip(cells, entries)]
+        line += [tables.cell(r, e.get("us"), "{:.1f}") for r, e in zip(cells, entries)]
+        line += [tables.cell(r, e.get("gbps"), "{:.0f}") for r, e in zip(cells, entries)]
+        line += [tables.cell(r, None if e.get("copy_fraction") is None
+                             else 100 * e["copy_fraction"], "{:.0f}%")
+                 for r, e in zip(cells, entries)]
         line += [f"{row['providers'][p]['speed_vs_sdpa']:.2f}"
                  if row["providers"].get(p, {}).get("speed_vs_sdpa") else "-" for p in ratio]
         line.append(f">= {100 * TARGET_FRACTION:.0f}%" if row["target"] else "-")
         for p in ours:
             met = row["providers"].get(p, {}).get("met")
             line.append("-" if met is None else ("yes" if met else "NO"))
-        line += [_cell(r, e.get("eager_us"), "{:.1f}") for r, e in zip(cells, entries)]
+        line += [tables.cell(r, e.get("eager_us"), "{:.1f}") for r, e in zip(cells, entries)]
         rows.append(line)
     return _markdown(head, rows)
 
@@ -526,17 +506,6 @@ def check_table(results: list[DecodeResult]) -> str:
             for r in results if r.check_err is not None]
     return _markdown(["cache", "B", "provider", "max err vs float64", "tolerance",
                       "max diff to sdpa", "check", "how it ran"], rows)
-
-
-def decode_notes(results: list[DecodeResult]) -> list[str]:
-    lines = []
-    for r in results:
-        if r.status == "ok":
-            continue
-        line = f"- {r.provider} {r.status} at {r.case.label()}: {r.note}"
-        if line not in lines:
-            lines.append(line)
-    return lines
 
 
 def decode_markdown(results: list[DecodeResult], meta: dict) -> str:
@@ -565,7 +534,7 @@ def decode_markdown(results: list[DecodeResult], meta: dict) -> str:
              "the last, all keys (FlashAttention's tolerance rule); diff to SDPA over the whole "
              f"output: max |out - SDPA's| / max(1, |SDPA's|), at most {MAX_DIFF:g}.",
              check_table(results)]
-    lines = decode_notes(results)
+    lines = tables.not_measured(results, modes=False)
     if lines:
         parts += ["## Not measured", "\n".join(lines)]
     return "\n\n".join(parts) + "\n"
@@ -573,8 +542,6 @@ def decode_markdown(results: list[DecodeResult], meta: dict) -> str:
 
 def write_decode_reports(out_dir: Path, results: list[DecodeResult], meta: dict) -> None:
     """decode.md and decode.json (metadata, results, per-case summary, target)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "decode.md").write_text(decode_markdown(results, meta))
     copy_gbps = (meta.get("ceilings") or {}).get("copy_gbps")
     data = {"metadata": meta,
             "results": [{**asdict(r), "us": r.us, "kv_bytes": r.case.kv_bytes(),
@@ -583,7 +550,7 @@ def write_decode_reports(out_dir: Path, results: list[DecodeResult], meta: dict)
             "target": {"copy_fraction": TARGET_FRACTION, "min_cache_len": TARGET_MIN_CACHE,
                        "met": {p: {"met": n, "judged": m}
                                for p, (n, m) in target_counts(results, copy_gbps).items()}}}
-    (out_dir / "decode.json").write_text(json.dumps(_json_ready(data), indent=1) + "\n")
+    tables.write_report(out_dir, "decode", decode_markdown(results, meta), data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,7 +621,7 @@ def run_decode(args, meta: dict, out_dir: Path, dtype: torch.dtype, preset,
     for p, (n, m) in target_counts(results, copy_gbps).items():
         log(f"issue 5 target (>= {100 * TARGET_FRACTION:.0f}% of copy bandwidth at cache >= "
             f"{TARGET_MIN_CACHE // 1024}k): {p} met at {n} of {m}")
-    for line in decode_notes(results):
+    for line in tables.not_measured(results, modes=False):
         log(line)
     write_decode_reports(out_dir, results, meta)
     log(f"\nwrote {out_dir}/decode.md and decode.json")

@@ -28,8 +28,6 @@ and features.json to the output folder.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,7 +36,8 @@ from pathlib import Path
 import torch
 
 import flashtile
-from flashtile.bench.measure import FLOP_FACTOR, MODES, _first_line, time_mode
+from flashtile.bench import tables
+from flashtile.bench.measure import FLOP_FACTOR, _first_line, time_mode
 from flashtile.bench.providers import EAGER_BLOCK_MASK_LIMIT, Forward, Unavailable, _compiled_flex
 from flashtile.bench.report import _markdown, _number, header
 from flashtile.testing import assert_close, reference_attention, tolerance
@@ -364,50 +363,19 @@ def _key(case: Case) -> tuple:
     return (case.seqlen, case.head_dim, case.batch, case.heads)
 
 
-def _index(results: list[FeatureResult]) -> dict[tuple[Case, str, str], FeatureResult]:
-    return {(r.case, r.provider, r.mode): r for r in results}
-
-
-def _ms(r: FeatureResult | None) -> float | None:
-    return r.ms if r is not None and r.status == "ok" else None
-
-
-def _providers(results: list[FeatureResult]) -> list[str]:
-    seen = dict.fromkeys(r.provider for r in results)
-    return [p for p in seen if any(r.provider == p and r.status != "skipped" for r in results)]
-
-
-def _rows(results: list[FeatureResult]) -> list[tuple[Case, str]]:
-    """(case, mode) in the order measured, modes in MODES order within a case."""
-    cases = list(dict.fromkeys(r.case for r in results))
-    modes = [m for m in MODES if any(r.mode == m for r in results)]
-    return [(c, m) for c in cases for m in modes
-            if any(r.case == c and r.mode == m for r in results)]
-
-
-MARK = {"skipped": "-", "failed": "FAIL", "error": "err"}
-
-
-def _cell(r: FeatureResult | None, value: float | None, fmt: str = "{:.3f}") -> str:
-    if r is None:
-        return "-"
-    if r.status != "ok":
-        return MARK[r.status]
-    return fmt.format(value) if value is not None else "-"
-
-
 def speedups(results: list[FeatureResult]) -> list[dict]:
     """For every case but the baseline, provider and mode: full attention's time (same
     provider, seqlen, head dim) ÷ the case's time, per query head (the same query heads, so
     the ratio of times). `met` (flashtile only): whether issue 4's target holds."""
-    by = _index(results)
+    by = tables.index(results)
     full = {(_key(r.case), r.provider, r.mode): r for r in results if r.case.name == BASELINE}
     out = []
-    for case, mode in _rows(results):
+    for case, mode in tables.rows(results):
         if case.name == BASELINE:
             continue
-        for p in _providers(results):
-            base, this = _ms(full.get((_key(case), p, mode))), _ms(by.get((case, p, mode)))
+        for p in tables.providers(results):
+            base = tables.ms(full.get((_key(case), p, mode)))
+            this = tables.ms(by.get((case, p, mode)))
             if base is None or this is None:
                 continue
             value = base / this
@@ -421,23 +389,24 @@ def speedups(results: list[FeatureResult]) -> list[dict]:
 def times_table(results: list[FeatureResult]) -> str:
     """One row per case × mode: each provider's ms and µs per query head, flashtile's speed
     relative to Flex (Flex's ms ÷ flashtile's: > 1 flashtile is faster), and TFLOP/s."""
-    providers = _providers(results)
-    by = _index(results)
+    providers = tables.providers(results)
+    by = tables.index(results)
     ratio = "flashtile" in providers and "flex" in providers
     head = (["case", "N", "D", "mode"] + [f"{p} ms" for p in providers]
             + [f"{p} µs/q-head" for p in providers] + (["flashtile ÷ flex"] if ratio else [])
             + [f"{p} TFLOP/s" for p in providers])
     rows = []
-    for case, mode in _rows(results):
+    for case, mode in tables.rows(results):
         cells = [by.get((case, p, mode)) for p in providers]
         row = [case.name, str(case.seqlen), str(case.head_dim), mode]
-        row += [_cell(r, _ms(r)) for r in cells]
-        row += [_cell(r, r.ms * 1e3 / case.heads if _ms(r) else None, "{:.1f}")
+        row += [tables.cell(r, tables.ms(r)) for r in cells]
+        row += [tables.cell(r, r.ms * 1e3 / case.heads if tables.ms(r) else None, "{:.1f}")
                 for r in cells]
         if ratio:
-            ft, fx = _ms(by.get((case, "flashtile", mode))), _ms(by.get((case, "flex", mode)))
+            ft = tables.ms(by.get((case, "flashtile", mode)))
+            fx = tables.ms(by.get((case, "flex", mode)))
             row.append(f"{fx / ft:.2f}" if ft and fx else "-")
-        row += [_number(r.tflops) if _ms(r) else _cell(r, None) for r in cells]
+        row += [_number(r.tflops) if tables.ms(r) else tables.cell(r, None) for r in cells]
         rows.append(row)
     return _markdown(head, rows)
 
@@ -445,11 +414,11 @@ def times_table(results: list[FeatureResult]) -> str:
 def speedup_table(results: list[FeatureResult]) -> str:
     """One row per case × mode: each provider's speedup over its own full attention, the
     target and whether flashtile meets it."""
-    providers = _providers(results)
+    providers = tables.providers(results)
     found = {(s["case"], s["seqlen"], s["head_dim"], s["provider"], s["mode"]): s
              for s in speedups(results)}
     rows = []
-    for case, mode in _rows(results):
+    for case, mode in tables.rows(results):
         if case.name == BASELINE:
             continue
         cells = [found.get((case.name, case.seqlen, case.head_dim, p, mode)) for p in providers]
@@ -477,22 +446,9 @@ def check_table(results: list[FeatureResult]) -> str:
 
 
 def case_table(results: list[FeatureResult]) -> str:
-    cases = list(dict.fromkeys(r.case for r in results))
     rows = [[c.name, c.describe(), str(c.batch), str(c.heads), str(c.kv_heads), str(c.seqlen),
-             str(c.head_dim), f"{c.pairs() / c.seqlen**2:.4f}"] for c in cases]
+             str(c.head_dim), f"{c.pairs() / c.seqlen**2:.4f}"] for c in tables.cases(results)]
     return _markdown(["case", "what", "B", "H q", "H kv", "N", "D", "pairs / N²"], rows)
-
-
-def feature_notes(results: list[FeatureResult]) -> list[str]:
-    lines = []
-    for r in results:
-        if r.status == "ok":
-            continue
-        where = r.case.label() + (f" {r.mode}" if r.status == "error" else "")
-        line = f"- {r.provider} {r.status} at {where}: {r.note}"
-        if line not in lines:
-            lines.append(line)
-    return lines
 
 
 def features_markdown(results: list[FeatureResult], meta: dict) -> str:
@@ -516,34 +472,20 @@ def features_markdown(results: list[FeatureResult], meta: dict) -> str:
              "to flashtile, over the whole output: max |out - flashtile's| / max(1, "
              f"|flashtile's|), at most {MAX_DIFF:g}.",
              check_table(results)]
-    lines = feature_notes(results)
+    lines = tables.not_measured(results)
     if lines:
         parts += ["## Not measured", "\n".join(lines)]
     return "\n\n".join(parts) + "\n"
 
 
-def _json_ready(x):
-    """NaN and infinities as null, so that the JSON is strict."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_ready(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_ready(v) for v in x]
-    return x
-
-
 def write_feature_reports(out_dir: Path, results: list[FeatureResult], meta: dict) -> None:
     """features.md and features.json (metadata, cases, results, speedups, targets)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "features.md").write_text(features_markdown(results, meta))
-    cases = list(dict.fromkeys(r.case for r in results))
     data = {"metadata": meta,
-            "cases": [{**asdict(c), "pairs": c.pairs()} for c in cases],
+            "cases": [{**asdict(c), "pairs": c.pairs()} for c in tables.cases(results)],
             "results": [asdict(r) for r in results],
             "speedups": speedups(results),
             "targets": TARGETS}
-    (out_dir / "features.json").write_text(json.dumps(_json_ready(data), indent=1) + "\n")
+    tables.write_report(out_dir, "features", features_markdown(results, meta), data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,7 +541,7 @@ def run_features(args, meta: dict, out_dir: Path, dtype: torch.dtype, preset,
     log(times_table(results))
     log("\nspeedup over full attention of the same provider:\n")
     log(speedup_table(results))
-    for line in feature_notes(results):
+    for line in tables.not_measured(results):
         log(line)
     write_feature_reports(out_dir, results, meta)
     log(f"\nwrote {out_dir}/features.md and features.json")

@@ -11,17 +11,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from flashtile.bench import tables
 from flashtile.bench.measure import MODES, Result, Shape
 
 RATIO_TO = "flashtile"  # the ratio columns divide this provider's TFLOP/s by each other one's
-MARK = {"skipped": "-", "failed": "FAIL", "error": "err"}
-
-
-def _providers(results: list[Result]) -> list[str]:
-    """Providers in the order they were run, leaving out those skipped at every shape (their
-    columns would be empty; the notes say why)."""
-    seen = dict.fromkeys(r.provider for r in results)
-    return [p for p in seen if any(r.provider == p and r.status != "skipped" for r in results)]
 
 
 def _number(x: float) -> str:
@@ -31,7 +24,7 @@ def _number(x: float) -> str:
 def _tflops_cell(r: Result | None) -> str:
     if r is None:
         return "-"
-    return _number(r.tflops) if r.status == "ok" else MARK[r.status]
+    return _number(r.tflops) if r.status == "ok" else tables.MARK[r.status]
 
 
 def _ratio_cell(ours: Result | None, theirs: Result | None) -> str:
@@ -57,7 +50,7 @@ def _shape_columns(shape: Shape) -> list[str]:
 def tflops_table(results: list[Result]) -> str:
     """One row per shape × mode: each provider's TFLOP/s, then flashtile's ratio to each other
     provider (> 1: flashtile is faster). "-" not run here, "FAIL" wrong output, "err" raised."""
-    providers = _providers(results)
+    providers = tables.providers(results)
     others = [p for p in providers if p != RATIO_TO] if RATIO_TO in providers else []
     by_row: dict[tuple[Shape, str], dict[str, Result]] = {}
     for r in results:
@@ -73,7 +66,7 @@ def tflops_table(results: list[Result]) -> str:
 
 def memory_table(results: list[Result]) -> str:
     """One row per shape: each provider's peak MiB over one forward + backward."""
-    providers = _providers(results)
+    providers = tables.providers(results)
     by_shape: dict[Shape, dict[str, float]] = {}
     for r in results:
         peaks = by_shape.setdefault(r.shape, {})

@@ -40,7 +40,6 @@ timed as in the grid (measure.time_mode). Writes varlen.md and varlen.json.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -52,9 +51,10 @@ import torch
 import torch.nn.functional as F
 
 import flashtile
+from flashtile.bench import tables
 from flashtile.bench.decode import sdpa_backend
-from flashtile.bench.features import _json_ready, check_heads, output_diff
-from flashtile.bench.measure import FLOP_FACTOR, MODES, _first_line, time_mode
+from flashtile.bench.features import check_heads, output_diff
+from flashtile.bench.measure import FLOP_FACTOR, _first_line, time_mode
 from flashtile.bench.providers import Forward, Unavailable
 from flashtile.bench.report import _markdown, _number, header
 from flashtile.testing import assert_close, reference_attention, tolerance
@@ -473,47 +473,18 @@ def measure_varlen(case: VarlenCase, name: str, factory: VarlenFactory, inp: Var
 # ---------------------------------------------------------------------------------------------
 # Reports: pure Python over VarlenResults, tested on the CPU
 
-MARK = {"skipped": "-", "failed": "FAIL", "error": "err"}
-
-
-def _providers(results: list[VarlenResult]) -> list[str]:
-    seen = dict.fromkeys(r.provider for r in results)
-    return [p for p in seen if any(r.provider == p and r.status != "skipped" for r in results)]
-
-
-def _rows(results: list[VarlenResult]) -> list[tuple[VarlenCase, str]]:
-    cases = list(dict.fromkeys(r.case for r in results))
-    modes = [m for m in MODES if any(r.mode == m for r in results)]
-    return [(c, m) for c in cases for m in modes
-            if any(r.case == c and r.mode == m for r in results)]
-
-
-def _index(results):
-    return {(r.case, r.provider, r.mode): r for r in results}
-
-
-def _ms(r: VarlenResult | None) -> float | None:
-    return r.ms if r is not None and r.status == "ok" else None
-
-
-def _cell(r: VarlenResult | None, text: str | None) -> str:
-    if r is None:
-        return "-"
-    if r.status != "ok":
-        return MARK[r.status]
-    return text if text is not None else "-"
-
 
 def speedups(results: list[VarlenResult]) -> list[dict]:
     """Per case and mode where both ran: flashtile-padded's time ÷ flashtile-varlen's, the
     target 0.9 · padded pairs / pairs, whether it is met, and SDPA's time ÷ varlen's."""
-    by = _index(results)
+    by = tables.index(results)
     out = []
-    for case, mode in _rows(results):
-        varlen, padded = _ms(by.get((case, VARLEN, mode))), _ms(by.get((case, PADDED, mode)))
+    for case, mode in tables.rows(results):
+        varlen = tables.ms(by.get((case, VARLEN, mode)))
+        padded = tables.ms(by.get((case, PADDED, mode)))
         if varlen is None or padded is None:
             continue
-        sdpa = _ms(by.get((case, "sdpa-padded", mode)))
+        sdpa = tables.ms(by.get((case, "sdpa-padded", mode)))
         target = case.packing.target_speedup(case.causal)
         out.append(dict(case=case.name, total=case.packing.total, head_dim=case.packing.head_dim,
                         mode=mode, speedup=padded / varlen, target=target,
@@ -526,7 +497,7 @@ def speedups(results: list[VarlenResult]) -> list[dict]:
 def batch_table(results: list[VarlenResult]) -> str:
     """One row per packed batch × causal: sizes, padding fractions and the target."""
     rows = []
-    for case in dict.fromkeys(r.case for r in results):
+    for case in tables.cases(results):
         p = case.packing
         rows.append([case.name, str(p.batch), str(p.total), str(p.max_len),
                      str(p.padded_tokens), f"{p.token_padding():.3f}", f"{p.pairs(case.causal):,}",
@@ -540,19 +511,19 @@ def batch_table(results: list[VarlenResult]) -> str:
 def times_table(results: list[VarlenResult]) -> str:
     """One row per case × mode: each provider's ms and TFLOP/s (real pairs), varlen's speedup
     over padded dense, the target, whether it is met, and SDPA's time ÷ varlen's."""
-    providers = _providers(results)
-    by = _index(results)
+    providers = tables.providers(results)
+    by = tables.index(results)
     found = {(s["case"], s["total"], s["head_dim"], s["mode"]): s for s in speedups(results)}
     head = (["case", "D", "mode"] + [f"{p} ms" for p in providers]
             + [f"{p} TFLOP/s" for p in providers]
             + ["varlen speedup", "target", "meets", "varlen ÷ sdpa"])
     rows = []
-    for case, mode in _rows(results):
+    for case, mode in tables.rows(results):
         cells = [by.get((case, p, mode)) for p in providers]
         s = found.get((case.name, case.packing.total, case.packing.head_dim, mode))
         row = [case.name, str(case.packing.head_dim), mode]
-        row += [_cell(r, f"{r.ms:.3f}" if _ms(r) else None) for r in cells]
-        row += [_cell(r, _number(r.tflops) if _ms(r) else None) for r in cells]
+        row += [tables.cell(r, tables.ms(r)) for r in cells]
+        row += [_number(r.tflops) if tables.ms(r) else tables.cell(r, None) for r in cells]
         target = case.packing.target_speedup(case.causal)
         row += [f"{s['speedup']:.2f}" if s else "-", f">= {target:.2f}",
                 ("yes" if s["met"] else "NO") if s else "-",
@@ -572,18 +543,6 @@ def check_table(results: list[VarlenResult]) -> str:
             for (case, p), r in seen.items()]
     return _markdown(["case", "D", "provider", "max err vs float64", "tolerance",
                       "max diff to dense", "check", "how it ran"], rows)
-
-
-def varlen_notes(results: list[VarlenResult]) -> list[str]:
-    lines = []
-    for r in results:
-        if r.status == "ok":
-            continue
-        where = r.case.label() + (f" {r.mode}" if r.status == "error" else "")
-        line = f"- {r.provider} {r.status} at {where}: {r.note}"
-        if line not in lines:
-            lines.append(line)
-    return lines
 
 
 TARGET_TEXT = ("speedup = flashtile-padded's time ÷ flashtile-varlen's; target: speedup >= "
@@ -616,7 +575,7 @@ def varlen_markdown(results: list[VarlenResult], meta: dict) -> str:
              f"{MAX_DIFF:g}, dense being flash_attn_func on the padded batch with the padding "
              "masked out (masks.document).",
              check_table(results)]
-    lines = varlen_notes(results)
+    lines = tables.not_measured(results)
     if lines:
         parts += ["## Not measured", "\n".join(lines)]
     return "\n\n".join(parts) + "\n"
@@ -624,9 +583,7 @@ def varlen_markdown(results: list[VarlenResult], meta: dict) -> str:
 
 def write_varlen_reports(out_dir: Path, results: list[VarlenResult], meta: dict) -> None:
     """varlen.md and varlen.json (metadata, batches with their counts, results, speedups)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "varlen.md").write_text(varlen_markdown(results, meta))
-    cases = list(dict.fromkeys(r.case for r in results))
+    cases = tables.cases(results)
     data = {"metadata": meta,
             "target": {"efficiency": TARGET_EFFICIENCY, "formula": TARGET_TEXT},
             "cases": [{**c.key(), "lengths": list(c.packing.lengths),
@@ -638,7 +595,7 @@ def write_varlen_reports(out_dir: Path, results: list[VarlenResult], meta: dict)
                        "target_speedup": c.packing.target_speedup(c.causal)} for c in cases],
             "results": [r.to_json() for r in results],
             "speedups": speedups(results)}
-    (out_dir / "varlen.json").write_text(json.dumps(_json_ready(data), indent=1) + "\n")
+    tables.write_report(out_dir, "varlen", varlen_markdown(results, meta), data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,7 +660,7 @@ def run_varlen(args, meta: dict, out_dir: Path, dtype: torch.dtype, preset,
     log(times_table(results))
     log("")
     log(TARGET_TEXT)
-    for line in varlen_notes(results):
+    for line in tables.not_measured(results):
         log(line)
     write_varlen_reports(out_dir, results, meta)
     log(f"\nwrote {out_dir}/varlen.md and varlen.json")
