@@ -313,7 +313,8 @@ def _launch_forward(q, k, v, opts: AttnOptions, num_splits: int, out_dtype: torc
     """attention_forward's launches: out, lse."""
     if (configs.features["gluon_forward"] and num_splits == 1 and out_dtype == q.dtype
             and hopper.preferred(q, k, v, opts)):
-        return hopper.attention_forward(q, k, v, opts)
+        out, lse = _outputs(q, out_dtype)  # the buffers a Plan allocates for its replay
+        return hopper.attention_forward(q, k, v, opts, out=out, lse=lse)
     _, _, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     batch, seqlen_q, seqlen_k = opts.problem(q, k)
