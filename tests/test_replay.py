@@ -198,8 +198,8 @@ def test_threads_record_and_replay_their_own_plans(dev):
 
     def calls(name):
         try:
-            if dev.type == "cuda":
-                torch.cuda.set_device(dev)
+            if dev.type == "cuda":  # a new thread starts on device 0; the inputs' device
+                torch.cuda.set_device(inputs[name][0].device)
             for _ in range(4):
                 with one_at_a_time:
                     results[name].append(_run(*inputs[name], True, causal=True))
