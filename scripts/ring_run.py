@@ -144,6 +144,13 @@ def check(args, dev, dtype, world, rank) -> list[dict]:
     return results
 
 
+def reps_for(total: int, args) -> int:
+    """Timed calls per figure: --reps, but one past 128k tokens, where one GPU's forward and
+    backward of the whole sequence take tens of seconds each (a run of one world size must fit
+    in the device's 10 minutes a call)."""
+    return args.reps if total <= 131072 else 1
+
+
 def flops(total: int, args, causal: bool, backward: bool) -> float:
     """4·B·H·N²·D, halved for causal, ×2.5 for the backward (docs/derivation.md §12)."""
     f = 4 * args.nheads * total * total * args.head_dim * (0.5 if causal else 1.0)
@@ -171,7 +178,7 @@ def ring_step(args, dev, dtype, world, rank, total: int, causal: bool) -> dict:
     acc_lse = torch.full(lse.shape, float("-inf"), device=dev)
     dq = torch.zeros(q.shape, device=dev, dtype=torch.float32)
     dkv = torch.zeros(kv.shape, device=dev, dtype=torch.float32)
-    reps = args.reps
+    reps = reps_for(total, args)
     row = dict(tokens=total, per_gpu=n, causal=causal)
     measured = {
         "fwd": dict(
@@ -225,9 +232,10 @@ def throughput(args, dev, dtype, world, rank, total: int, causal: bool) -> dict:
                                 kv_exchange="ring").backward(dout)
 
     row = dict(tokens=total, causal=causal)
+    reps = reps_for(total, args)
     for mode, fn in (("fwd", ring_fwd), ("fwd_bwd", ring_fwd_bwd)):
         row[f"ring_{mode}_TFLOPs_per_gpu"] = (flops(total, args, causal, mode == "fwd_bwd")
-                                              / world / timed(fn, args.reps, dev) / 1e12)
+                                              / world / timed(fn, reps, dev) / 1e12)
     single = {"fwd": None, "fwd_bwd": None}
     if rank == 0:  # one device on the whole sequence, while the others wait
         qw, kw, vw, dw = (t.requires_grad_(i < 3) for i, t in enumerate(whole))
@@ -241,7 +249,7 @@ def throughput(args, dev, dtype, world, rank, total: int, causal: bool) -> dict:
                         flashtile.flash_attn_func(qw, kw, vw, causal=causal).backward(dw)
                 fn()
                 times = []
-                for _ in range(args.reps):
+                for _ in range(reps):
                     sync(dev)
                     start = time.perf_counter()
                     fn()
@@ -321,12 +329,13 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=None, help="default 128 (--cpu 16)")
     parser.add_argument("--check-len", type=int, default=None,
                         help="tokens of the correctness cases (default 4096; --cpu 48)")
-    parser.add_argument("--reps", type=int, default=None, help="default 5 (--cpu 1)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="default 3 (--cpu 1); 1 past 128k tokens")
     args = parser.parse_args(argv)
     cpu = args.cpu
     for name, gpu_default, cpu_default in (("nheads", 32, 2), ("nheads_k", 8, 1),
                                            ("head_dim", 128, 16), ("check_len", 4096, 48),
-                                           ("reps", 5, 1)):
+                                           ("reps", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, cpu_default if cpu else gpu_default)
     totals = [int(x) for x in (args.totals or ("96" if cpu else "32768,131072,524288"))
