@@ -49,12 +49,14 @@ import cost_model  # noqa: E402
 
 import flashtile  # noqa: E402
 import flashtile.distributed as fd  # noqa: E402
+from flashtile.bench.measure import Shape, attention_flops  # noqa: E402
 from flashtile.distributed.blocks import backward_block, forward_block, plan  # noqa: E402
 from flashtile.distributed.ring import (  # noqa: E402
     _TAG_DKV,
     _TAG_KV,
     Sharding,
     _Exchange,
+    make_sharding,
     ring_backward,
     ring_forward,
 )
@@ -153,21 +155,21 @@ def reps_for(total: int, args) -> int:
 
 
 def flops(total: int, args, causal: bool, backward: bool) -> float:
-    """4·B·H·N²·D, halved for causal, ×2.5 for the backward (docs/derivation.md §12)."""
-    f = 4 * args.nheads * total * total * args.head_dim * (0.5 if causal else 1.0)
-    return f * (3.5 if backward else 1.0)  # forward + backward: 1 + 2.5
+    """The bench's count (bench/measure.attention_flops) of one forward, or forward and
+    backward, over the whole sequence."""
+    shape = Shape(head_dim=args.head_dim, causal=causal, seqlen=total, batch=1,
+                  heads=args.nheads)
+    return attention_flops(shape, "fwdbwd" if backward else "fwd")
 
 
-def sharding_of(world: int, rank: int, layout: str, causal: bool, head_dim: int) -> Sharding:
-    return Sharding(group=dist.group.WORLD, rank=rank, world_size=world,
-                    next_rank=(rank + 1) % world, prev_rank=(rank - 1) % world, layout=layout,
-                    window=(-1, 0 if causal else -1), softmax_scale=head_dim ** -0.5)
+def sharding_of(layout: str, causal: bool, head_dim: int) -> Sharding:
+    return make_sharding(dist.group.WORLD, layout, (-1, 0 if causal else -1), head_dim ** -0.5)
 
 
 def ring_step(args, dev, dtype, world, rank, total: int, causal: bool) -> dict:
     """Part 3 at one total length: a step of the ring against its kernel and its transfer."""
     layout = "zigzag" if causal else "contiguous"
-    sharding = sharding_of(world, rank, layout, causal, args.head_dim)
+    sharding = sharding_of(layout, causal, args.head_dim)
     q, k, v, dout = shards(inputs(total, args, dev, dtype, seed=7), world, rank, layout)
     n = q.shape[1]
     kv = torch.stack((k, v))
@@ -270,7 +272,7 @@ def throughput(args, dev, dtype, world, rank, total: int, causal: bool) -> dict:
 
 def step_latency(args, dev, dtype, world, rank) -> float:
     """Seconds a ring step costs beyond its work: a forward ring of 64-token blocks ÷ W."""
-    sharding = sharding_of(world, rank, "contiguous", False, args.head_dim)
+    sharding = sharding_of("contiguous", False, args.head_dim)
     q, k, v, _ = shards(inputs(64 * world, args, dev, dtype, seed=3), world, rank, "contiguous")
     return timed(lambda: ring_forward(q, k, v, sharding), args.reps, dev) / world
 

@@ -145,6 +145,17 @@ def choose_kv_exchange(k: torch.Tensor, world_size: int) -> str:
     return "allgather" if world_size > 1 and shard_bytes <= ALLGATHER_MAX_SHARD_BYTES else "ring"
 
 
+def make_sharding(group, layout: str, window: tuple[int, int],
+                  softmax_scale: float | None) -> Sharding:
+    """This rank's Sharding in `group` (initialized, this rank a member): its ring neighbours'
+    global ranks, the layout, the global window (causal as right = 0) and the scale."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    return Sharding(group=group, rank=rank, world_size=world_size,
+                    next_rank=dist.get_global_rank(group, (rank + 1) % world_size),
+                    prev_rank=dist.get_global_rank(group, (rank - 1) % world_size),
+                    layout=layout, window=window, softmax_scale=softmax_scale)
+
+
 def _group_of(group):
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("ring_flash_attn_func needs torch.distributed: call "
@@ -247,7 +258,7 @@ def ring_flash_attn_func(
         raise ValueError(f"k has seqlen {k.shape[1]} but q has {q.shape[1]}: each rank holds "
                          "the queries, keys and values of the same tokens of one sequence")
     group = _group_of(group)
-    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    world_size = dist.get_world_size(group)
     if dist.get_backend(group) == "nccl" and q.device.type != "cuda":
         raise ValueError(f"group runs on NCCL, which needs CUDA tensors; q is on {q.device}")
     layout = ("zigzag" if causal else "contiguous") if layout is None else layout
@@ -268,9 +279,6 @@ def ring_flash_attn_func(
     _check_ranks_agree(group, q, (batch, shard_len, nheads, k.shape[2], head_dim,
                                   _DTYPE_CODES[q.dtype], int(bool(causal)), *window,
                                   LAYOUTS.index(layout), KV_EXCHANGES.index(exchange), scale))
-    sharding = Sharding(group=group, rank=rank, world_size=world_size,
-                        next_rank=dist.get_global_rank(group, (rank + 1) % world_size),
-                        prev_rank=dist.get_global_rank(group, (rank - 1) % world_size),
-                        layout=layout, window=window, softmax_scale=scale)
+    sharding = make_sharding(group, layout, window, scale)
     out, lse = _RingFlashAttnFunction.apply(q, k, v, sharding, exchange)
     return (out, lse) if return_lse else out
