@@ -66,6 +66,59 @@ def test_gluon_forward_matches_reference(case, config, ws, monkeypatch):
         assert_close(f"gluon {name} against triton", got, theirs, tolerance(ref, base, dtype))
 
 
+@needs_hopper
+@pytest.mark.parametrize("ws", [False, True], ids=["pipelined", "warp_specialized"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gluon_forward_float32_out_is_the_unrounded_output(case, ws):
+    """out in float32 (ring attention's partial results) is written from the registers, not
+    through TMA: rounded to q's dtype it is bitwise the q-dtype run's out, with the same lse,
+    and it meets the rule against the float64 reference."""
+    batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dtype = case
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, nheads, head_dim, dtype,
+                         requires_grad=False, nheads_k=nheads_k)
+    opts = _options(q, k, causal)
+    out32 = poison_(torch.empty_like(q, dtype=torch.float32))
+    lse32 = poison_(torch.empty(batch, nheads, seqlen_q, device=q.device))
+    hopper.attention_forward(q, k, v, opts, out=out32, lse=lse32, ws=ws)
+    out, lse = hopper.attention_forward(q, k, v, opts, ws=ws)
+    assert torch.equal(out32.to(dtype), out)
+    assert torch.equal(lse32, lse)
+    reference = reference_attention(q, k, v, causal=causal, dtype=torch.float64)
+    baseline = reference_attention(q, k, v, causal=causal)
+    check_attention("gluon float32 out", dict(out=out32, lse=lse32), reference, baseline, dtype,
+                    fields=("out", "lse"))
+
+
+@needs_hopper
+def test_float32_partials_take_the_gluon_forward(monkeypatch):
+    """forward.attention_forward(out_dtype=float32), as ring attention's blocks call it, takes
+    the Gluon path where a q-dtype call would, and agrees with the Triton forward's float32
+    out by the rule."""
+    monkeypatch.setitem(configs.features, "gluon_forward", True)
+    calls = _recording(monkeypatch)
+    q, k, v = random_qkv(1, 1024, 2048, 4, 128, torch.bfloat16, requires_grad=False,
+                         nheads_k=2)
+    opts = _options(q, k, False)
+    out, lse = forward.attention_forward(q, k, v, opts, out_dtype=torch.float32)
+    assert calls == [tuple(q.shape)] and out.dtype == torch.float32
+    monkeypatch.setitem(configs.features, "gluon_forward", False)
+    triton_out, triton_lse = forward.attention_forward(q, k, v, opts, out_dtype=torch.float32)
+    reference = reference_attention(q, k, v, dtype=torch.float64)
+    baseline = reference_attention(q, k, v)
+    for name, got, theirs, ref, base in (("out", out, triton_out, reference.out, baseline.out),
+                                         ("lse", lse, triton_lse, reference.lse, baseline.lse)):
+        assert_close(f"gluon float32 {name} against triton", got, theirs,
+                     tolerance(ref, base, torch.bfloat16))
+
+
+@needs_hopper
+def test_gluon_forward_rejects_an_out_it_cannot_write():
+    q, k, v = random_qkv(1, 256, 256, 2, 128, torch.bfloat16, requires_grad=False)
+    with pytest.raises(ValueError, match="out must have q's shape"):
+        hopper.attention_forward(q, k, v, _options(q, k, False),
+                                 out=torch.empty_like(q, dtype=torch.float16))
+
+
 def _recording(monkeypatch) -> list:
     """Make hopper.attention_forward note each call (q's shape) in the list returned."""
     return record_calls(monkeypatch, [(hopper, "attention_forward")],

@@ -75,17 +75,20 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict:
 
 
 def compile_kernel(fn, flags: dict, num_warps: int, num_stages: int, dtype: str,
-                   as_launched: bool = False):
+                   as_launched: bool = False, out_dtype: str | None = None):
     """triton.compile one kernel for sm_90 with those of `flags` that are its constexprs.
     as_launched: with the specializations a GPU launch makes on typical inputs (the head dim's
     unit strides as constexpr 1; pointers, strides and lengths divisible by 16), as
-    scripts/registers.py wants for register counts; otherwise every integer stays generic."""
+    scripts/registers.py wants for register counts; otherwise every integer stays generic.
+    out_dtype: O's element type where it differs from the inputs' (dtype)."""
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in flags.items() if k in names}
     attrs = {}
     if as_launched:
         constexprs.update({n: 1 for n in names if n.startswith("stride_") and n.endswith("d")})
     signature = _signature(fn, constexprs, dtype)
+    if out_dtype is not None:
+        signature["O"] = f"*{out_dtype}"
     if as_launched:
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                  if signature[n].startswith("*")
@@ -116,15 +119,17 @@ def compile_variant(name: str) -> list[str]:
 
 
 def compile_hopper(head_dim: int, causal: bool, ws: bool, config=None,
-                   as_launched: bool = False, varlen: bool = False):
+                   as_launched: bool = False, varlen: bool = False, out_f32: bool = False):
     """A Gluon forward of kernels/hopper.py (the warp-specialized one with ws) for bf16, at
-    `config` (BLOCK_M, BLOCK_N, STAGES, num_warps) or the head dim's chosen one."""
+    `config` (BLOCK_M, BLOCK_N, STAGES, num_warps) or the head dim's chosen one; out_f32: O in
+    float32 (ring attention's partial results)."""
     block_m, block_n, stages, warps = config or hopper.CHOICE[head_dim][1]
     warps = 4 if ws else warps
     flags = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                 CAUSAL=causal, VARLEN=varlen, num_warps=warps)
+                 CAUSAL=causal, VARLEN=varlen, OUT_F32=out_f32, num_warps=warps)
     fn = hopper._attn_fwd_hopper_ws if ws else hopper._attn_fwd_hopper
-    return compile_kernel(fn, flags, warps, 1, "bf16", as_launched)
+    return compile_kernel(fn, flags, warps, 1, "bf16", as_launched,
+                          out_dtype="fp32" if out_f32 else None)
 
 
 def compile_hopper_backward(pass_name: str, head_dim: int, causal: bool, config=None,
@@ -153,8 +158,10 @@ def main(argv: list[str]) -> int:
                     for ws in (False, True):
                         compile_hopper(head_dim, causal, ws)
                         compile_hopper(head_dim, causal, ws, varlen=True)
+                        compile_hopper(head_dim, causal, ws, out_f32=True)
             print("hopper compiled for sm_90: _attn_fwd_hopper, _attn_fwd_hopper_ws, head dims",
-                  sorted(hopper.CHOICE), "causal and not, dense and varlen", flush=True)
+                  sorted(hopper.CHOICE), "causal and not, dense and varlen, dense with float32 "
+                  "out", flush=True)
             for head_dim in sorted(hopper_backward.CONFIG):
                 for causal in (False, True):
                     for varlen in (False, True):

@@ -311,8 +311,8 @@ def _outputs(q, out_dtype: torch.dtype):
 
 def _launch_forward(q, k, v, opts: AttnOptions, num_splits: int, out_dtype: torch.dtype):
     """attention_forward's launches: out, lse."""
-    if (configs.features["gluon_forward"] and num_splits == 1 and out_dtype == q.dtype
-            and hopper.preferred(q, k, v, opts)):
+    if (configs.features["gluon_forward"] and num_splits == 1
+            and out_dtype in (q.dtype, torch.float32) and hopper.preferred(q, k, v, opts)):
         out, lse = _outputs(q, out_dtype)  # the buffers a Plan allocates for its replay
         return hopper.attention_forward(q, k, v, opts, out=out, lse=lse)
     _, _, nheads, head_dim = q.shape

@@ -23,13 +23,14 @@ Two kernels run that loop:
 This path covers the dense forward: (B, N, H, D) tensors with a unit head-dim stride and
 16-byte aligned rows, float16 or bfloat16, D in {64, 128}, softmax_scale > 0, no window but
 causal, no softcap, ALiBi, dropout, mask predicate or KV cache, and with causal
-seqlen_q <= seqlen_k (every row sees key 0). Packed batches (VARLEN: each program finds its
-sequence's rows from the cumulative lengths, its descriptors end where the sequence ends) only
-with the gluon_varlen feature (on; v7.2) and one cumulative-lengths tensor for both
-queries and keys (`varlen_covered`). `supports` says whether a call is covered,
-`preferred` whether it is one where this path measured faster; everything else takes
-forward.py. It does not run in Triton's interpreter: forward.py is the
-reference it is tested against, on the GPU (tests/test_hopper.py).
+seqlen_q <= seqlen_k (every row sees key 0). O is written in q's dtype through TMA, or in
+float32 (OUT_F32: ring attention's partial results) straight from the registers. Packed
+batches (VARLEN: each program finds its sequence's rows from the cumulative lengths, its
+descriptors end where the sequence ends) only with the gluon_varlen feature (on; v7.2) and one
+cumulative-lengths tensor for both queries and keys (`varlen_covered`). `supports` says whether
+a call is covered, `preferred` whether it is one where this path measured faster; everything
+else takes forward.py. It does not run in Triton's interpreter: forward.py is the reference it
+is tested against, on the GPU (tests/test_hopper.py).
 
 Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), causal query blocks heaviest first, as in
 forward.py (with varlen, seqlen_q the longest sequence's; programs past their own end exit).
@@ -128,20 +129,22 @@ def _program_rows(Q, K, V, O,
                   stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
                   off_b, off_h, q_start, k_start, group, seqlen_q, seqlen_k,
                   Q_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  layout: gl.constexpr):
+                  OUT_F32: gl.constexpr, layout: gl.constexpr):
     """TMA descriptors over the rows of q and O (Q_ROWS a copy) of (batch, head) from
     q_start, and over those of k and v (BLOCK_N a copy) of its key/value head from k_start:
-    the copy engine zero-fills rows past the end on loads and drops them on stores."""
+    the copy engine zero-fills rows past the end on loads and drops them on stores. With
+    OUT_F32, O's is a pointer to that row instead (_write_output)."""
     off_hk = off_h // group
     q_desc = _row_descriptor(Q + off_b * stride_qb + q_start * stride_qm + off_h * stride_qh,
                              seqlen_q, stride_qm, Q_ROWS, HEAD_DIM, layout)
-    o_desc = _row_descriptor(O + off_b * stride_ob + q_start * stride_om + off_h * stride_oh,
-                             seqlen_q, stride_om, Q_ROWS, HEAD_DIM, layout)
+    o_dst = O + off_b * stride_ob + q_start * stride_om + off_h * stride_oh
+    if not OUT_F32:
+        o_dst = _row_descriptor(o_dst, seqlen_q, stride_om, Q_ROWS, HEAD_DIM, layout)
     k_desc = _row_descriptor(K + off_b * stride_kb + k_start * stride_kn + off_hk * stride_kh,
                              seqlen_k, stride_kn, BLOCK_N, HEAD_DIM, layout)
     v_desc = _row_descriptor(V + off_b * stride_vb + k_start * stride_vn + off_hk * stride_vh,
                              seqlen_k, stride_vn, BLOCK_N, HEAD_DIM, layout)
-    return q_desc, o_desc, k_desc, v_desc
+    return q_desc, o_dst, k_desc, v_desc
 
 
 @gluon.jit
@@ -173,22 +176,34 @@ def _softmax_next(s, m_i, l_i, start_m, start_n, seqlen_k, diag_offset, qk_scale
 
 
 @gluon.jit
-def _write_output(acc, m_i, l_i, o_smem, o_desc, LSE_rows, row0, seqlen_q,
-                  ROWS: gl.constexpr, SYNC: gl.constexpr, row_s: gl.constexpr,
-                  row_o: gl.constexpr):
-    """O = acc / l into rows [row0, row0 + ROWS) through o_smem and TMA, and LSE (natural log)
-    at LSE_rows + row. SYNC: a CTA barrier first (o_smem is q's buffer, which another
-    warpgroup may still be reading)."""
+def _write_output(acc, m_i, l_i, o_smem, o_dst, LSE_rows, row0, seqlen_q, stride_om,
+                  ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, SYNC: gl.constexpr,
+                  OUT_F32: gl.constexpr, row_s: gl.constexpr, o_layout: gl.constexpr):
+    """O = acc / l into rows [row0, row0 + ROWS), and LSE (natural log) at LSE_rows + row.
+    In q's dtype o_dst is O's TMA descriptor and the rows go through o_smem; SYNC: a CTA
+    barrier first (o_smem is q's buffer, which another warpgroup may still be reading). With
+    OUT_F32 (the partial results of ring attention's blocks) o_dst points at the (batch, head)'s
+    row 0 of a float32 O, stride_om apart, and the registers are stored directly: a float32 tile
+    would not fit beside the K/V rings in shared memory."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
-    if SYNC:
-        gl.thread_barrier()
-    o_smem.store(out.to(o_smem.dtype))
-    gh.fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [row0, 0], o_smem)
+    if OUT_F32:
+        offs_r = row0 + gl.arange(0, ROWS, layout=row_o)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        ptrs = (o_dst + gl.expand_dims(offs_r.to(gl.int64) * stride_om, 1)
+                + gl.expand_dims(offs_d, 0))
+        gl.store(ptrs, out, mask=gl.expand_dims(offs_r < seqlen_q, 1))
+    else:
+        if SYNC:
+            gl.thread_barrier()
+        o_smem.store(out.to(o_smem.dtype))
+        gh.fence_async_shared()
+        tma.async_copy_shared_to_global(o_dst, [row0, 0], o_smem)
     offs_m = row0 + gl.arange(0, ROWS, layout=row_s)
     lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
     gl.store(LSE_rows + offs_m, lse, mask=offs_m < seqlen_q)
-    tma.store_wait(pendings=0)
+    if not OUT_F32:
+        tma.store_wait(pendings=0)
 
 
 @gluon.jit
@@ -286,7 +301,7 @@ def _attn_fwd_hopper(
     group, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-    num_warps: gl.constexpr,
+    OUT_F32: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     # -- the row layouts of _attend's accumulators, for the epilogue --
@@ -295,7 +310,6 @@ def _attn_fwd_hopper(
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
                                                      element_bitwidth=16, rank=2)
 
@@ -305,11 +319,11 @@ def _attn_fwd_hopper(
     if VARLEN:  # the grid covers the longest sequence: past this one's end, nothing to do
         if start_m >= seqlen_q:
             return
-    q_desc, o_desc, k_desc, v_desc = _program_rows(
+    q_desc, o_dst, k_desc, v_desc = _program_rows(
         Q, K, V, O, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
         stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
         off_b, off_h, q_start, k_start, group, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, HEAD_DIM,
-        smem_layout)
+        OUT_F32, smem_layout)
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
@@ -352,9 +366,9 @@ def _attn_fwd_hopper(
         mbarrier.invalidate(v_bars.index(i))
 
     # -- epilogue: O through q's buffer, once both warpgroups' last q kᵀ is done --
-    _write_output(acc, m_i, l_i, q_smem, o_desc,
+    _write_output(acc, m_i, l_i, q_smem, o_dst,
                   LSE + off_b * stride_lb + off_h * stride_lh + q_start, start_m, seqlen_q,
-                  BLOCK_M, True, row_s, row_o)
+                  stride_om, BLOCK_M, HEAD_DIM, True, OUT_F32, row_s, o_layout)
 
 
 @gluon.jit
@@ -384,10 +398,11 @@ def _ws_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_
 
 
 @gluon.jit
-def _ws_compute(h: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_ready,
+def _ws_compute(h: gl.constexpr, o_dst, LSE, q_smem, k_smem, v_smem, q_bars, k_ready,
                 v_ready, k_empty, v_empty, start_m, n_blocks, seqlen_q, seqlen_k, diag_offset,
-                qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                qk_scale, stride_om, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                OUT_F32: gl.constexpr):
     """One warpgroup: rows [start_m + h · BLOCK_M / 2, + BLOCK_M / 2) of the query block, the
     pipelined loop of _attn_fwd_hopper, releasing each slot to the load warp when done."""
     HALF: gl.constexpr = BLOCK_M // 2
@@ -396,18 +411,17 @@ def _ws_compute(h: gl.constexpr, o_desc, LSE, q_smem, k_smem, v_smem, q_bars, k_
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     my_start = start_m + h * HALF
     q_h = q_smem.index(h)
 
     mbarrier.wait(q_bars.index(h), 0)
-    acc, m_i, l_i = _attend(q_h, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, o_desc,
-                            o_desc, my_start, n_blocks, seqlen_k, diag_offset, qk_scale, HALF,
+    acc, m_i, l_i = _attend(q_h, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, None,
+                            None, my_start, n_blocks, seqlen_k, diag_offset, qk_scale, HALF,
                             BLOCK_N, HEAD_DIM, STAGES, CAUSAL, 4, False)
 
     # -- O through this warpgroup's own q buffer: its last q kᵀ is done, no barrier --
-    _write_output(acc, m_i, l_i, q_h, o_desc, LSE, my_start, seqlen_q, HALF, False, row_s,
-                  row_o)
+    _write_output(acc, m_i, l_i, q_h, o_dst, LSE, my_start, seqlen_q, stride_om, HALF,
+                  HEAD_DIM, False, OUT_F32, row_s, o_layout)
 
 
 @gluon.jit
@@ -421,7 +435,7 @@ def _attn_fwd_hopper_ws(
     group, seqlen_q, seqlen_k, diag_offset, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr,
-    num_warps: gl.constexpr,
+    OUT_F32: gl.constexpr, num_warps: gl.constexpr,
 ):
     """_attn_fwd_hopper warp-specialized: a load warp issues the TMA copies, and each of two
     warpgroups (the default partition and a worker, num_warps = 4) owns half of the query
@@ -436,11 +450,11 @@ def _attn_fwd_hopper_ws(
     if VARLEN:  # the grid covers the longest sequence: past this one's end, nothing to do
         if start_m >= seqlen_q:
             return
-    q_desc, o_desc, k_desc, v_desc = _program_rows(
+    q_desc, o_dst, k_desc, v_desc = _program_rows(
         Q, K, V, O, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
         stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
         off_b, off_h, q_start, k_start, group, seqlen_q, seqlen_k, HALF, BLOCK_N, HEAD_DIM,
-        smem_layout)
+        OUT_F32, smem_layout)
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], smem_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
@@ -464,12 +478,14 @@ def _attn_fwd_hopper_ws(
     n_blocks = gl.cdiv(hi, BLOCK_N)
     LSE_bh = LSE + off_b * stride_lb + off_h * stride_lh + q_start
     gl.warp_specialize([
-        (_ws_compute, (0, o_desc, LSE_bh, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+        (_ws_compute, (0, o_dst, LSE_bh, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
                        k_empty, v_empty, start_m, n_blocks, seqlen_q, seqlen_k, diag_offset,
-                       qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
-        (_ws_compute, (1, o_desc, LSE_bh, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                       qk_scale, stride_om, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                       OUT_F32)),
+        (_ws_compute, (1, o_dst, LSE_bh, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
                        k_empty, v_empty, start_m, n_blocks, seqlen_q, seqlen_k, diag_offset,
-                       qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+                       qk_scale, stride_om, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                       OUT_F32)),
         (_ws_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
                     k_empty, v_empty, start_m, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
     ], [4, 1], [240, 24])
@@ -541,8 +557,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts,
     (1, total_q, H, D) and (1, H, total_q)).
     ws: the warp-specialized kernel or the pipelined one; config: (BLOCK_M, BLOCK_N, STAGES,
     num_warps; the warp-specialized kernel runs 4 + 4 + 1 warps whatever it says); both default
-    to CHOICE[head dim]. out, lse: buffers to write (tests pass poisoned ones), else new."""
+    to CHOICE[head dim]. out, lse: buffers to write (tests pass poisoned ones), else new; out
+    in q's dtype or float32 (ring attention's partial results), with q's shape."""
     nheads, head_dim, nheads_k = q.shape[2], q.shape[3], k.shape[2]
+    if out is not None and (out.dtype not in (q.dtype, torch.float32) or out.shape != q.shape
+                            or out.stride(-1) != 1):
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, a unit last stride and "
+                         f"q's dtype or float32; got {tuple(out.shape)}, {out.dtype}")
     batch, seqlen_q, seqlen_k = opts.problem(q, k)  # with varlen: entries, longest lengths
     chosen_ws, chosen_config = CHOICE[head_dim]
     ws = chosen_ws if ws is None else ws
@@ -560,6 +581,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts,
         nheads // nheads_k, seqlen_q, seqlen_k, opts.diag_offset,
         opts.softmax_scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        CAUSAL=opts.causal, VARLEN=opts.varlen is not None, num_warps=4 if ws else warps,
+        CAUSAL=opts.causal, VARLEN=opts.varlen is not None, OUT_F32=out.dtype == torch.float32,
+        num_warps=4 if ws else warps,
     )
     return out, lse

@@ -373,7 +373,7 @@ def _attn_bwd_dq_hopper(
         Q, K, V, dQ, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
         stride_vb, stride_vn, stride_vh, stride_dqb, stride_dqm, stride_dqh,
         off_b, off_h, q_start, k_start, group, seqlen_q, seqlen_k, HALF, BLOCK_N, HEAD_DIM,
-        layout)
+        False, layout)
     do_desc = _row_descriptor(
         dO + off_b * stride_dob + q_start * stride_dom + off_h * stride_doh, seqlen_q,
         stride_dom, HALF, HEAD_DIM, layout)
