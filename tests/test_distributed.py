@@ -306,18 +306,18 @@ def test_zigzag_causal_is_one_balanced_call_per_step():
     assert len(set(work)) == 1, work
 
 
-def test_merge_is_the_split_kv_combine():
+def test_merge_is_the_split_kv_combine(dev):
     """merge_, one block at a time, equals §16's combine of all blocks at once (float64):
     LSE = log Σ_s exp(LSE_s), O = Σ_s exp(LSE_s − LSE) O_s (kernels/forward.py combine_splits)."""
     B, Nq, H, D, splits = 2, 5, 3, 4, 3
-    out_s = torch.randn(splits, B, Nq, H, D, dtype=torch.float64)
-    lse_s = torch.randn(splits, B, H, Nq, dtype=torch.float64) * 3
+    out_s = torch.randn(splits, B, Nq, H, D, dtype=torch.float64, device=dev)
+    lse_s = torch.randn(splits, B, H, Nq, dtype=torch.float64, device=dev) * 3
     lse_s[:, 0, 0, 0] = float("-inf")  # a row that sees nothing anywhere
     lse_s[1, 1] = float("-inf")  # a block that one batch entry sees nothing of
     out_s[:, 0, 0, 0] = 0.0
     out_s[1, 1] = 0.0
-    out = torch.zeros(B, Nq, H, D, dtype=torch.float64)
-    lse = torch.full((B, H, Nq), float("-inf"), dtype=torch.float64)
+    out = torch.zeros(B, Nq, H, D, dtype=torch.float64, device=dev)
+    lse = torch.full((B, H, Nq), float("-inf"), dtype=torch.float64, device=dev)
     for s in range(splits):
         merge_(out, lse, out_s[s], lse_s[s])
     want_lse = torch.logsumexp(lse_s, 0)  # (B, H, Nq)
@@ -326,6 +326,30 @@ def test_merge_is_the_split_kv_combine():
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
     torch.testing.assert_close(out, (weight * out_s).sum(0), rtol=0, atol=1e-12)
     assert bool((out[0, 0, 0] == 0).all()) and lse[0, 0, 0] == float("-inf")
+
+
+def test_merge_into_a_slice_leaves_the_other_rows(dev):
+    """As forward_block calls it: out and lse are slices (rows 40..99 of 130, past one block
+    of the kernel's rows) of float32 tensors, out_s a bf16 partial; rows outside the slice
+    keep their poison, rows inside get §16's merge (float64 on the same values)."""
+    B, N, H, D = 2, 130, 3, 48
+    out = torch.randn(B, N, H, D, device=dev)
+    lse = torch.randn(B, H, N, device=dev) * 2
+    out_s = torch.randn(B, 60, H, D, device=dev).to(torch.bfloat16)
+    lse_s = torch.randn(B, H, 60, device=dev) * 2
+    lse_s[1, 2, :7] = float("-inf")  # rows this block gives nothing
+    rows = slice(40, 100)
+    want_lse = torch.logaddexp(lse[:, :, rows].double(), lse_s.double())
+    want = (torch.exp(lse[:, :, rows].double() - want_lse).transpose(1, 2)[..., None]
+            * out[:, rows].double()
+            + torch.exp(lse_s.double() - want_lse).transpose(1, 2)[..., None] * out_s.double())
+    before_out, before_lse = out.clone(), lse.clone()
+    merge_(out[:, rows], lse[:, :, rows], out_s, lse_s)
+    torch.testing.assert_close(out[:, rows].double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[:, :, rows].double(), want_lse, rtol=1e-6, atol=1e-6)
+    for keep in (slice(0, 40), slice(100, N)):
+        assert torch.equal(out[:, keep], before_out[:, keep])
+        assert torch.equal(lse[:, :, keep], before_lse[:, :, keep])
 
 
 @pytest.mark.parametrize("layout", fd.LAYOUTS)

@@ -16,7 +16,8 @@ and the blocks partition the keys, so
 
     LSE = log Σ_s exp(LSE_s),                 O = Σ_s exp(LSE_s − LSE) O_s.
 
-`merge_` applies the second line one block at a time (the running form of `combine_splits`).
+`merge_` (kernels/merge.py) applies the second line one block at a time, in one launch (the
+running form of `combine_splits`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from flashtile.interface import _backward, _forward, _options
+from flashtile.kernels.merge import merge_
 from flashtile.kernels.params import AttnOptions
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -195,24 +197,7 @@ def _agrees(kept: int, a: Segment, b: Segment, offset: int, true_offset: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Running the calls of one block, and merging partial results.
-
-
-def merge_(out: torch.Tensor, lse: torch.Tensor, out_s: torch.Tensor,
-           lse_s: torch.Tensor) -> None:
-    """Fold one more block's partial result into (out, lse), in place:
-
-        LSE = log(exp(LSE) + exp(LSE_s)),    O = exp(LSE_old − LSE) O + exp(LSE_s − LSE) O_s.
-
-    out: (B, N, H, D) float32, lse: (B, H, N) float32 (views may be slices of larger tensors);
-    out_s, lse_s: the kernel's result for disjoint keys (out_s in any float dtype). A row that
-    has seen nothing in either keeps O = 0 and LSE = −∞ (its weights are exp(−∞) = 0)."""
-    total = torch.logaddexp(lse, lse_s)  # (B, H, N)
-    finite = total.masked_fill(total == float("-inf"), 0.0)
-    weight = torch.exp(lse - finite).transpose(1, 2).unsqueeze(-1)  # (B, N, H, 1)
-    weight_s = torch.exp(lse_s - finite).transpose(1, 2).unsqueeze(-1)
-    out.mul_(weight).addcmul_(out_s, weight_s)  # no out-sized temporary: 4 GiB at 256k rows
-    lse.copy_(total)
+# Running the calls of one block, merging their partial results.
 
 
 OptionsFor = Callable[[BlockCall], AttnOptions]
