@@ -22,6 +22,7 @@ running form of `combine_splits`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -129,7 +130,8 @@ class BlockCall:
     window: tuple[int, int]
 
 
-def plan(q_runs: Sequence[Segment], k_runs: Sequence[Segment],
+@functools.lru_cache(maxsize=4096)
+def plan(q_runs: tuple[Segment, ...], k_runs: tuple[Segment, ...],
          window: tuple[int, int]) -> tuple[BlockCall, ...]:
     """Kernel calls whose masks together are exactly the global mask between a query shard and a
     key block, each kept (query, key) pair in exactly one call; () when nothing is kept.
@@ -139,7 +141,9 @@ def plan(q_runs: Sequence[Segment], k_runs: Sequence[Segment],
     when every pair of runs inside it either has the call's diagonal, or is wholly kept (or
     wholly dropped) under both masks. For the zig-zag causal layout this gives one call per
     ring step: the own block is causal on the shard as it lies, an earlier block is seen whole
-    by every row of the shard, and a later one whole by its second chunk."""
+    by every row of the shard, and a later one whole by its second chunk.
+    Remembered per (runs, runs, window): a ring step asks again on every call (~30 µs of
+    Python)."""
     seen = {(a, b): visibility(a.length, b.length, a.start - b.start, window)
             for a in q_runs for b in k_runs}
     qs = [a for a in q_runs if any(seen[a, b] != NONE for b in k_runs)]
@@ -255,12 +259,18 @@ class Sharding:
         return segments(self.layout, self.world_size, rank, shard_len)
 
     def options_for(self, q: torch.Tensor) -> OptionsFor:
-        """AttnOptions of a call on q's shard (validated by interface._options)."""
+        """AttnOptions of a call on q's shard (validated by interface._options once per mask:
+        the ring asks for them at every step)."""
         batch, _, nheads, head_dim = q.shape
+        made: dict[tuple, AttnOptions] = {}
 
         def options(call: BlockCall) -> AttnOptions:
-            return _options(batch, nheads, head_dim, q.device, softmax_scale=self.softmax_scale,
-                            causal=False, window_size=call.window, softcap=0.0,
-                            alibi_slopes=None, diag_offset=call.diag_offset)
+            key = (call.diag_offset, call.window)
+            if key not in made:
+                made[key] = _options(batch, nheads, head_dim, q.device,
+                                     softmax_scale=self.softmax_scale, causal=False,
+                                     window_size=call.window, softcap=0.0, alibi_slopes=None,
+                                     diag_offset=call.diag_offset)
+            return made[key]
 
         return options
