@@ -271,10 +271,11 @@ def throughput(args, dev, dtype, world, rank, total: int, causal: bool) -> dict:
 
 
 def step_latency(args, dev, dtype, world, rank) -> float:
-    """Seconds a ring step costs beyond its work: a forward ring of 64-token blocks ÷ W."""
+    """Seconds a ring step costs beyond its work: a forward ring of 64-token blocks ÷ W, the
+    median of at least 50 calls (each takes well under a millisecond; 3 are too few to trust)."""
     sharding = sharding_of("contiguous", False, args.head_dim)
     q, k, v, _ = shards(inputs(64 * world, args, dev, dtype, seed=3), world, rank, "contiguous")
-    return timed(lambda: ring_forward(q, k, v, sharding), args.reps, dev) / world
+    return timed(lambda: ring_forward(q, k, v, sharding), max(args.reps, 50), dev) / world
 
 
 def markdown(report: dict) -> str:
