@@ -4,7 +4,8 @@ Usage: python scripts/gluon_forward.py [--dims 128,64] [--seqlens 512,1024,...] 
 
 For each shape of the grid (batch·N = 16k tokens, heads = 2048 / D, bf16, causal and not):
 forward TFLOP/s of forward.py (autotuned, the Gluon path switched off), of the pipelined Gluon
-kernel and the warp-specialized one at each config of CONFIGS, and of SDPA's cuDNN backend;
+kernel and the warp-specialized one at each config of CONFIGS, of SDPA's cuDNN backend and
+of FlexAttention (compiled, as `flashtile bench` runs it);
 kernels called directly (no autograd), timed with triton.testing.do_bench (median). What
 hopper.CHOICE and hopper.MIN_SEQLEN_K were read from (docs/performance.md, v6). Needs a Hopper
 GPU; every Gluon config is checked against forward.py on the shape before it is timed.
@@ -18,6 +19,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+from flashtile.bench import providers
 from flashtile.kernels import configs, forward, hopper
 from flashtile.kernels.params import AttnOptions
 
@@ -25,8 +27,8 @@ from flashtile.kernels.params import AttnOptions
 CONFIGS = {
     128: [(False, (128, 128, 2, 8)), (True, (128, 128, 2, 4)), (True, (128, 64, 3, 4)),
           (True, (128, 128, 3, 4))],
-    64: [(False, (128, 64, 2, 8)), (True, (128, 64, 2, 4)), (True, (128, 128, 2, 4)),
-         (True, (128, 64, 3, 4))],
+    64: [(False, (128, 64, 2, 8)), (False, (128, 128, 2, 8)), (False, (128, 128, 3, 8)),
+         (True, (128, 64, 2, 4)), (True, (128, 128, 2, 4)), (True, (128, 64, 3, 4))],
 }
 
 
@@ -60,6 +62,11 @@ def measure(head_dim: int, causal: bool, seqlen: int) -> dict:
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         row["cudnn"] = flops / bench(lambda: sdpa(qt, kt, vt, is_causal=causal)) / 1e9
+    flex = providers.flex(qt, kt, vt, causal)
+    err = (flex().transpose(1, 2).float() - expected.float()).abs().max().item()
+    if err > 2e-2:
+        raise AssertionError(f"flex: max |out - forward.py's| {err:.3g}")
+    row["flex"] = flops / bench(flex) / 1e9
     return row
 
 
@@ -79,7 +86,7 @@ def main() -> None:
                 kernels = {k: t for k, t in row.items() if k.startswith(("ws", "pipelined"))}
                 best = max(kernels, key=kernels.get)
                 print(f"D {head_dim} causal {int(causal)} N {seqlen:5}: triton "
-                      f"{row['triton']:.0f}, cudnn {row['cudnn']:.0f} | "
+                      f"{row['triton']:.0f}, cudnn {row['cudnn']:.0f}, flex {row['flex']:.0f} | "
                       + ", ".join(f"{k} {t:.0f}" for k, t in kernels.items())
                       + f" | best {best}: {kernels[best] / row['triton']:.3f}x triton, "
                       f"{kernels[best] / row['cudnn']:.3f}x cudnn", flush=True)

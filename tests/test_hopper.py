@@ -169,7 +169,8 @@ def test_which_calls_the_gluon_forward_covers(monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("head_dim,causal,seqlen,taken", [
     (128, False, 1024, True), (128, False, 512, False), (128, True, 2048, True),
-    (128, True, 1024, False), (64, False, 4096, True), (64, True, 2048, False)])
+    (128, True, 1024, False), (64, False, 1024, True), (64, False, 512, False),
+    (64, True, 2048, False)])
 def test_the_forward_takes_the_gluon_path_where_it_measured_faster(head_dim, causal, seqlen,
                                                                    taken, monkeypatch):
     """hopper.MIN_SEQLEN_K decides; the result is right either way."""
@@ -187,7 +188,8 @@ def test_the_forward_takes_the_gluon_path_where_it_measured_faster(head_dim, cau
 @pytest.mark.parametrize("head_dim,causal,seqlen_q,seqlen_k,taken", [
     (128, False, 1024, 1024, True), (128, False, 1024, 1023, False),
     (128, True, 2048, 2048, True), (128, True, 2048, 2047, False),
-    (64, False, 4096, 4096, True), (64, True, 4096, 4095, False),
+    (64, False, 1024, 1024, True), (64, False, 1024, 1023, False),
+    (64, True, 4096, 4096, True), (64, True, 4096, 4095, False),
     (128, False, 127, 4096, False),  # less than one query block: forward.py
     (96, False, 4096, 4096, False)])  # a head dim without a choice
 def test_preferred_follows_the_measured_thresholds(head_dim, causal, seqlen_q, seqlen_k, taken,

@@ -58,7 +58,7 @@ from flashtile.kernels.params import LOG2E
 CHOICE = {64: (False, (128, 64, 2, 8)), 128: (True, (128, 128, 3, 4))}
 # The shortest key length at which that choice beat forward.py in the same run, per (head dim,
 # causal); below it, and for query blocks shorter than BLOCK_M, forward.py stays (`preferred`).
-MIN_SEQLEN_K = {(64, False): 4096, (64, True): 4096, (128, False): 1024, (128, True): 2048}
+MIN_SEQLEN_K = {(64, False): 1024, (64, True): 4096, (128, False): 1024, (128, True): 2048}
 
 
 @gluon.jit
