@@ -120,7 +120,12 @@ def _dropout(q, k, v):
     return flashtile.flash_attn_func(q, k, v, dropout_p=0.25)
 
 
-CASES = {"func": _func, "gqa4:1": _gqa, "varlen": _varlen, "sdpa": _sdpa, "dropout": _dropout}
+def _kvpacked(q, k, v):  # k and v stacked inside the graph: the call reads strided views
+    return flashtile.flash_attn_kvpacked_func(q, torch.stack((k, v), dim=2), causal=True)
+
+
+CASES = {"func": _func, "gqa4:1": _gqa, "varlen": _varlen, "sdpa": _sdpa, "dropout": _dropout,
+         "kvpacked": _kvpacked}
 
 
 def _inputs(case: str, dev, dtype=torch.float32, seqlen_q: int = 9) -> tuple:

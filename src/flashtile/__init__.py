@@ -19,8 +19,16 @@ from flashtile.interface import (  # noqa: E402
     flash_attn_with_kvcache,
     scaled_dot_product_attention,
 )
+from flashtile.packed import (  # noqa: E402
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
-           "masks", "scaled_dot_product_attention"]
+__all__ = ["__version__", "flash_attn_func", "flash_attn_kvpacked_func",
+           "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache", "masks",
+           "scaled_dot_product_attention"]
