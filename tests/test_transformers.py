@@ -154,15 +154,67 @@ def test_attention_dropout_in_training():
 
 
 def test_what_it_cannot_do_raises():
-    """Masks it cannot express fail loudly instead of being dropped: a custom 4-D mask, and
-    packed sequences (position_ids restarting inside a row, no attention_mask and no cache:
-    transformers looks for packing only then)."""
+    """Masks it cannot express fail loudly instead of being dropped: a custom 4-D mask; and
+    flash_attention_2's packed-batch arguments given in part."""
     model = transformers.AutoModelForCausalLM.from_config(config("llama"),
                                                           attn_implementation=register())
     ids = torch.randint(0, VOCAB, (1, 8))
     custom = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
     with pytest.raises(NotImplementedError, match=NAME):
         model(ids, attention_mask=custom)
-    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
-    with pytest.raises(NotImplementedError, match="mask pattern"):
-        model(ids, position_ids=packed, use_cache=False)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="come together or not at all"):
+        model(ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+
+
+# Two rows of packed sequences (position_ids restart where a sequence starts): 5 + 8 tokens and
+# 3 + 6 + 4. transformers finds packing only without attention_mask and cache.
+PACKED_LENGTHS = [[5, 8], [3, 6, 4]]
+
+
+def packed_positions() -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in PACKED_LENGTHS])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_sliding"])
+def test_packed_sequences_match_sdpa(family):
+    """Logits and gradients of packed rows against sdpa, which applies transformers'
+    packed-sequence mask; and no token sees another sequence: each sequence run alone gives
+    its logits."""
+    runs = models(family)
+    ids, positions = torch.randint(0, VOCAB, (2, SEQLEN)), packed_positions()
+    weights = torch.randn(2, SEQLEN, VOCAB, dtype=torch.float64)
+    got = {}
+    for name, model in runs.items():
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        params = [p for _, p in sorted(model.named_parameters())]
+        grads = torch.autograd.grad((logits * weights.to(logits.dtype)).sum(), params)
+        got[name] = {"logits": logits.detach(),
+                     **dict(zip([n for n, _ in sorted(model.named_parameters())], grads))}
+    for field, ref in got["reference"].items():
+        atol = tolerance(ref, got["sdpa"][field], torch.float32)
+        assert_close(f"{family} packed {field}", got["tile"][field], ref, atol)
+    start = PACKED_LENGTHS[1][0]  # the second sequence of row 1, on its own
+    with torch.no_grad():
+        alone = runs["tile"](input_ids=ids[1:, start:start + PACKED_LENGTHS[1][1]],
+                             use_cache=False).logits
+    assert_close("a packed sequence alone", got["tile"]["logits"][1, start:start + 6], alone[0],
+                 1e-4)
+
+
+def test_flash_attention_2_packed_arguments():
+    """DataCollatorWithFlattening's explicit cu_seq_lens_q/k and max_length_q/k (one row of
+    5 + 8 tokens) give the same logits as the packing found in position_ids."""
+    runs = models("llama")
+    ids = torch.randint(0, VOCAB, (1, SEQLEN))
+    positions = packed_positions()[:1]
+    cu = torch.tensor([0, 5, SEQLEN], dtype=torch.int32)
+    with torch.no_grad():
+        explicit = runs["tile"](input_ids=ids, position_ids=positions, use_cache=False,
+                                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8,
+                                max_length_k=8).logits
+        found = runs["tile"](input_ids=ids, position_ids=positions, use_cache=False).logits
+        ref = runs["reference"](input_ids=ids, position_ids=positions, use_cache=False).logits
+        base = runs["sdpa"](input_ids=ids, position_ids=positions, use_cache=False).logits
+    assert torch.equal(explicit, found)
+    assert_close("explicit cu_seq_lens", explicit, ref, tolerance(ref, base, torch.float32))

@@ -14,14 +14,22 @@ Two functions are registered under the name:
   2-D padding mask, the mask pattern (`mask_function`) and where queries and keys sit in the
   sequence. It accepts the causal and the sliding-window causal patterns and returns what the
   kernels need: None (no padding) or a (batch, L) bool key mask, True = a real token (the
-  convention of transformers' flash_attention_2). Any other pattern (packed sequences,
-  bidirectional or chunked attention, image-token overlays) raises NotImplementedError.
+  convention of transformers' flash_attention_2). Packed sequences (transformers finds them in
+  position_ids that restart inside a row, with no padding mask and no cache, and overlays its
+  packed-sequence mask on the pattern) give that overlay's (batch, S) integer sequence index
+  of each token. Any other pattern (bidirectional or chunked attention, image-token overlays)
+  raises NotImplementedError.
 - `tile_attention_forward` in AttentionInterface, called by every attention layer with query
   (B, H, Sq, D), key and value (B, H_k, Sk, D) and that mask; it returns (B, Sq, H, D). As in
   flash_attention_2, causality comes from the module (`is_causal`) and the window from the
-  `sliding_window` argument. Without a mask it runs flash_attn_func; with one it gathers the
-  real tokens into a packed batch (cu_seqlens), runs flash_attn_varlen_func, and scatters the
-  result back, so no work is spent on padding. Padded query rows come back as zeros.
+  `sliding_window` argument. Without a mask it runs flash_attn_func; with a key mask it
+  gathers the real tokens into a packed batch (cu_seqlens), runs flash_attn_varlen_func, and
+  scatters the result back, so no work is spent on padding. Padded query rows come back as
+  zeros. With sequence indices, or with flash_attention_2's explicit `cu_seq_lens_q`,
+  `cu_seq_lens_k`, `max_length_q` and `max_length_k` (DataCollatorWithFlattening's
+  `return_flash_attn_kwargs=True`; these take precedence, as in flash_attention_2), every row's
+  tokens are split into their sequences and run through flash_attn_varlen_func as one packed
+  batch: no token attends across a sequence boundary.
 
 The causal mask in transformers compares positions in the sequence, kv_idx <= q_idx; a sliding
 window of w keeps q_idx - kv_idx < w, i.e. flashtile's window_size (w - 1, 0). Both are
@@ -37,8 +45,11 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import (
     AttentionMaskInterface,
+    and_masks,
     causal_mask_function,
+    packed_sequence_mask_function,
     prepare_padding_mask,
+    remap_positions_for_packed_sequence,
     sliding_window_causal_mask_function,
 )
 
@@ -47,8 +58,9 @@ from flashtile import flash_attn_func, flash_attn_varlen_func
 NAME = "tile_attention"
 
 # Keyword arguments that change the attention's result and that the kernels do not take.
-_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k",
-                       "max_length_q", "max_length_k")
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks", "position_bias")
+# flash_attention_2's packed-batch arguments: all four or none.
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def register() -> str:
@@ -84,6 +96,30 @@ def _same_value(a, b) -> bool:
     return type(a) is type(b) and isinstance(a, (bool, int, str)) and a == b
 
 
+# The code of the closures transformers builds for packed sequences (each call of a factory
+# returns a new closure over the same code object).
+_AND_CODE = and_masks(causal_mask_function).__code__
+_REMAP_CODE = remap_positions_for_packed_sequence(causal_mask_function, torch.zeros(1, 1)).__code__
+_PACKED_CODE = packed_sequence_mask_function(torch.zeros(1, 1)).__code__
+
+
+def _cells(fn) -> dict:
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+def _packed_overlay(fn):
+    """(pattern, sequence indices (B, S)) when `fn` is transformers' packed-sequence overlay,
+    and_masks(remap_positions_for_packed_sequence(pattern, position_ids),
+    packed_sequence_mask_function(sequence indices)); else (fn, None)."""
+    if not (inspect.isfunction(fn) and fn.__code__ is _AND_CODE):
+        return fn, None
+    parts = _cells(fn).get("mask_functions", ())
+    if not (len(parts) == 2 and all(inspect.isfunction(p) for p in parts)
+            and parts[0].__code__ is _REMAP_CODE and parts[1].__code__ is _PACKED_CODE):
+        return fn, None
+    return _cells(parts[0])["mask_function"], _cells(parts[1])["packed_sequence_mask"]
+
+
 def _is_supported_pattern(mask_function, local_size: int | None) -> bool:
     if _same_predicate(mask_function, causal_mask_function):
         return True
@@ -109,14 +145,24 @@ def tile_attention_mask(
     tokens. The last query is at position q_offset + q_length - 1, so only the first
     L = q_offset + q_length - kv_offset keys can be seen (a static cache holds more: the rest
     are empty slots). The key mask covers those L keys; the queries are its last q_length
-    entries. None means no padding and L = kv_length."""
+    entries. None means no padding and L = kv_length. For packed sequences: the (batch_size,
+    q_length) sequence index of each token (transformers' packed_sequence_mask)."""
+    mask_function, sequences = _packed_overlay(mask_function)
     if not _is_supported_pattern(mask_function, local_size):
         name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
         raise NotImplementedError(
             f"attn_implementation={NAME!r} (flashtile) runs causal and sliding-window causal "
             f"attention with padding; this model asked for another mask pattern ({name}: "
-            "packed sequences, bidirectional or chunked attention, or a custom overlay). Use "
+            "bidirectional or chunked attention, or a custom overlay). Use "
             "attn_implementation='sdpa' for it.")
+    if sequences is not None:  # transformers packs only without padding mask and cache
+        if not (attention_mask is None and q_length == kv_length
+                and tuple(sequences.shape) == (batch_size, q_length)):
+            raise NotImplementedError(
+                f"attn_implementation={NAME!r}: packed sequences with a padding mask or a "
+                f"cache (queries {q_length}, keys {kv_length}, sequence indices of shape "
+                f"{tuple(sequences.shape)})")
+        return sequences
     seen = int(q_offset) + q_length - kv_offset  # keys up to the last query's position
     if not q_length <= seen <= kv_length:
         raise NotImplementedError(
@@ -162,10 +208,13 @@ def tile_attention_forward(
     """transformers' attention-function contract, run by flashtile's kernels.
 
     query: (B, H, Sq, D); key, value: (B, H_k, Sk, D), H % H_k == 0 (grouped-query attention
-    without repeating k and v). attention_mask: None or the (B, L) key mask of
-    tile_attention_mask (L <= Sk: keys past L are ignored). dropout: the attention dropout
-    probability (the model passes 0 in eval mode). scaling: the softmax scale (default
-    1/sqrt(D)). sliding_window w: each query sees its last w positions, itself included.
+    without repeating k and v). attention_mask: None, the (B, L) key mask of
+    tile_attention_mask (L <= Sk: keys past L are ignored), or its (B, S) sequence indices of
+    packed sequences. cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k (keywords, all
+    or none): flash_attention_2's packed batch over the B · S flattened tokens. dropout: the
+    attention dropout probability (the model passes 0 in eval mode). scaling: the softmax scale
+    (default 1/sqrt(D)). sliding_window w: each query sees its last w positions, itself
+    included.
     softcap: tanh soft-capping of the scores. Returns (out (B, Sq, H, D), None): attention
     weights are not materialized."""
     for name in _UNSUPPORTED_KWARGS:
@@ -185,8 +234,21 @@ def tile_attention_forward(
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window,
                    softcap=softcap or 0.0)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views
+    varlen = [kwargs.get(name) for name in _VARLEN_KWARGS]
+    if any(x is not None for x in varlen):
+        if not all(x is not None for x in varlen):
+            raise ValueError(f"attn_implementation={NAME!r}: {', '.join(_VARLEN_KWARGS)} come "
+                             "together or not at all")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+            raise NotImplementedError(
+                f"attn_implementation={NAME!r}: cu_seq_lens_q/k with a padding mask (packed "
+                "sequences are not padded)")
+        return _flattened(q, k, v, *varlen, options), None
     if attention_mask is None:
         return flash_attn_func(q, k, v, **options), None
+    if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+            and not attention_mask.dtype.is_floating_point and attention_mask.dtype != torch.bool):
+        return _packed(q, k, v, attention_mask, options), None
     if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
             and attention_mask.dtype == torch.bool):
         shape = tuple(getattr(attention_mask, "shape", ()))
@@ -234,3 +296,30 @@ def _padded(q, k, v, key_mask: torch.Tensor, windowed: bool, options: dict) -> t
         cu_q, cu_k, int(lengths_q.max()), int(lengths_k.max()), **options)
     full = out.new_zeros(batch * seqlen_q, nheads, head_dim).index_copy(0, rows_q, out)
     return full.view(batch, seqlen_q, nheads, head_dim)
+
+
+def _flattened(q, k, v, cu_q, cu_k, max_q, max_k, options: dict) -> torch.Tensor:
+    """flash_attention_2's explicit packed batch: the B · S tokens of q (B, S, H, D) and of k,
+    v as one packed batch with cumulative lengths cu_q, cu_k. Returns (B, S, H, D)."""
+    batch, seqlen_q = q.shape[:2]
+    cu_q, cu_k = (c.to(torch.int32) if isinstance(c, torch.Tensor) else c for c in (cu_q, cu_k))
+    out = flash_attn_varlen_func(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]),
+                                 v.reshape(-1, *v.shape[2:]), cu_q, cu_k, int(max_q), int(max_k),
+                                 **options)
+    return out.view(batch, seqlen_q, *out.shape[1:])
+
+
+def _packed(q, k, v, sequences: torch.Tensor, options: dict) -> torch.Tensor:
+    """Packed sequences: sequences (B, S) gives each token's sequence index within its row (a
+    new sequence where it changes, and at every row's start). All B · S tokens run as one
+    packed batch. q: (B, S, H, D), k, v: (B, S, H_k, D); returns (B, S, H, D)."""
+    batch, seqlen = sequences.shape
+    if q.shape[1] != seqlen or k.shape[1] != seqlen:
+        raise ValueError(f"packed sequence indices of shape {tuple(sequences.shape)} for "
+                         f"{q.shape[1]} queries and {k.shape[1]} keys per row")
+    starts = torch.ones_like(sequences, dtype=torch.bool)
+    starts[:, 1:] = sequences[:, 1:] != sequences[:, :-1]
+    first = starts.flatten().nonzero().squeeze(1)
+    cu = torch.cat((first, first.new_tensor([batch * seqlen]))).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return _flattened(q, k, v, cu, cu, longest, longest, options)
