@@ -202,6 +202,21 @@ def test_packed_sequences_match_sdpa(family):
                  1e-4)
 
 
+def test_packed_lengths_are_found_once_per_forward():
+    """Every layer gets the same sequence indices: their cumulative lengths are computed once
+    (the same tensor comes back, so flash_attn_varlen_func checks it once), and again after an
+    in-place change."""
+    from flashtile.integrations import transformers as ft_hf
+
+    sequences = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]])
+    cu, longest = ft_hf._cumulative_lengths(sequences)
+    assert cu.tolist() == [0, 3, 5, 6, 10] and longest == 4
+    assert ft_hf._cumulative_lengths(sequences)[0] is cu
+    sequences[0, 2] = 1
+    cu, longest = ft_hf._cumulative_lengths(sequences)
+    assert cu.tolist() == [0, 2, 5, 6, 10] and longest == 4
+
+
 def test_flash_attention_2_packed_arguments():
     """DataCollatorWithFlattening's explicit cu_seq_lens_q/k and max_length_q/k (one row of
     5 + 8 tokens) give the same logits as the packing found in position_ids."""

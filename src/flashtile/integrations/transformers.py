@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -313,13 +314,34 @@ def _packed(q, k, v, sequences: torch.Tensor, options: dict) -> torch.Tensor:
     """Packed sequences: sequences (B, S) gives each token's sequence index within its row (a
     new sequence where it changes, and at every row's start). All B · S tokens run as one
     packed batch. q: (B, S, H, D), k, v: (B, S, H_k, D); returns (B, S, H, D)."""
-    batch, seqlen = sequences.shape
-    if q.shape[1] != seqlen or k.shape[1] != seqlen:
+    if q.shape[1] != sequences.shape[1] or k.shape[1] != sequences.shape[1]:
         raise ValueError(f"packed sequence indices of shape {tuple(sequences.shape)} for "
                          f"{q.shape[1]} queries and {k.shape[1]} keys per row")
+    cu, longest = _cumulative_lengths(sequences)
+    return _flattened(q, k, v, cu, cu, longest, longest, options)
+
+
+# sequence indices -> (weakref, version, cumulative lengths, longest): every layer of a forward
+# gets the same tensor, so the lengths are found (one host synchronization) once per forward,
+# and flash_attn_varlen_func, seeing the same cu_seqlens tensor, checks it once too
+_LENGTHS_KEPT = 4
+_lengths: dict[int, tuple] = {}
+
+
+def _cumulative_lengths(sequences: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The int32 cumulative lengths of the packed sequences of `sequences` (B, S), all rows
+    one after another, and the longest sequence."""
+    seen = _lengths.get(id(sequences))
+    if seen is not None and seen[0]() is sequences and seen[1] == sequences._version:
+        return seen[2], seen[3]
+    batch, seqlen = sequences.shape
     starts = torch.ones_like(sequences, dtype=torch.bool)
     starts[:, 1:] = sequences[:, 1:] != sequences[:, :-1]
     first = starts.flatten().nonzero().squeeze(1)
     cu = torch.cat((first, first.new_tensor([batch * seqlen]))).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
-    return _flattened(q, k, v, cu, cu, longest, longest, options)
+    if not sequences.is_inference():  # an inference tensor has no version counter
+        if len(_lengths) >= _LENGTHS_KEPT:
+            _lengths.pop(next(iter(_lengths)))
+        _lengths[id(sequences)] = (weakref.ref(sequences), sequences._version, cu, longest)
+    return cu, longest
