@@ -50,9 +50,15 @@ from transformers.masking_utils import (
     causal_mask_function,
     packed_sequence_mask_function,
     prepare_padding_mask,
-    remap_positions_for_packed_sequence,
     sliding_window_causal_mask_function,
 )
+
+# transformers 5.25 remaps positions inside packed sequences; 5.0 to 5.17 do not (the pattern
+# sees the row's positions: the same mask once the packed-sequence mask is applied)
+try:
+    from transformers.masking_utils import remap_positions_for_packed_sequence
+except ImportError:
+    remap_positions_for_packed_sequence = None
 
 from flashtile import flash_attn_func, flash_attn_varlen_func
 
@@ -100,7 +106,10 @@ def _same_value(a, b) -> bool:
 # The code of the closures transformers builds for packed sequences (each call of a factory
 # returns a new closure over the same code object).
 _AND_CODE = and_masks(causal_mask_function).__code__
-_REMAP_CODE = remap_positions_for_packed_sequence(causal_mask_function, torch.zeros(1, 1)).__code__
+_REMAP_CODE = None
+if remap_positions_for_packed_sequence is not None:
+    _REMAP_CODE = remap_positions_for_packed_sequence(causal_mask_function,
+                                                      torch.zeros(1, 1)).__code__
 _PACKED_CODE = packed_sequence_mask_function(torch.zeros(1, 1)).__code__
 
 
@@ -111,14 +120,22 @@ def _cells(fn) -> dict:
 def _packed_overlay(fn):
     """(pattern, sequence indices (B, S)) when `fn` is transformers' packed-sequence overlay,
     and_masks(remap_positions_for_packed_sequence(pattern, position_ids),
-    packed_sequence_mask_function(sequence indices)); else (fn, None)."""
+    packed_sequence_mask_function(sequence indices)), or in transformers 5.0 to 5.17
+    and_masks(pattern, packed_sequence_mask_function(sequence indices)); else (fn, None).
+    Within one sequence the pattern compares the same differences either way: the row's
+    positions and the sequence's differ by the sequence's start."""
     if not (inspect.isfunction(fn) and fn.__code__ is _AND_CODE):
         return fn, None
     parts = _cells(fn).get("mask_functions", ())
     if not (len(parts) == 2 and all(inspect.isfunction(p) for p in parts)
-            and parts[0].__code__ is _REMAP_CODE and parts[1].__code__ is _PACKED_CODE):
+            and parts[1].__code__ is _PACKED_CODE):
         return fn, None
-    return _cells(parts[0])["mask_function"], _cells(parts[1])["packed_sequence_mask"]
+    pattern = parts[0]
+    if _REMAP_CODE is not None:
+        if pattern.__code__ is not _REMAP_CODE:
+            return fn, None
+        pattern = _cells(pattern)["mask_function"]
+    return pattern, _cells(parts[1])["packed_sequence_mask"]
 
 
 def _is_supported_pattern(mask_function, local_size: int | None) -> bool:
