@@ -78,6 +78,19 @@ def test_select_fixed_override_or_tuned(tunable, monkeypatch):
         tunable.launcher, {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st})
 
 
+def test_decode_at_head_dim_128_launches_its_one_config_untuned(monkeypatch):
+    """A KV-cache forward at D 128 has one candidate (measured fastest, configs.py): launched
+    directly, never through the autotuner; D 64 still tunes, and so does the dense forward."""
+    monkeypatch.setenv("FLASHTILE_AUTOTUNE", "1")
+    monkeypatch.setattr(configs, "interpreting", lambda: False)  # as on a GPU
+    (fwd,) = [t for t in TUNABLES if t.name == "fwd"]
+    assert configs.candidates("fwd", 128, "tf32", decode=True) == [(16, 128, 4, 2)]
+    assert fwd.select(128, "tf32", decode=True) == (
+        fwd.launcher, {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2})
+    assert fwd.select(64, "tf32", decode=True) == (fwd.remembered, {})
+    assert fwd.select(128, "tf32") == (fwd.remembered, {})
+
+
 def test_set_override_names_the_kernel():
     with pytest.raises(ValueError, match="kernel must be one of"):
         configs.set_override("forward", configs.KernelConfig(16, 16))

@@ -97,14 +97,16 @@ def autotuning() -> bool:
     return os.environ.get("FLASHTILE_AUTOTUNE", "1") != "0"
 
 
-def fixed_config(kernel: str, head_dim_padded: int, precision: str) -> KernelConfig | None:
+def fixed_config(kernel: str, head_dim_padded: int, precision: str,
+                 decode: bool = False) -> KernelConfig | None:
     """The config to launch with directly (the interpreter's, an override, the first candidate
-    with FLASHTILE_AUTOTUNE=0, or the only one listed), or None to let the autotuner choose."""
+    with FLASHTILE_AUTOTUNE=0, or the only one listed), or None to let the autotuner choose.
+    decode: the forward against a KV cache (`candidates`)."""
     if kernel in _override:
         return _override[kernel]
     if interpreting():
         return _INTERPRETER
-    listed = candidates(kernel, head_dim_padded, precision)
+    listed = candidates(kernel, head_dim_padded, precision, decode)
     if not autotuning() or len(listed) == 1:
         return KernelConfig(*listed[0])
     return None
@@ -147,11 +149,14 @@ _CANDIDATES_FP32: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 
 
 # Decoding against a KV cache (the forward with KV_CACHE): a few query rows per program, so
-# BLOCK_M = 16, the smallest tl.dot tile, and long key blocks. Not yet measured on the H100
-# (docs/performance.md, v5).
+# BLOCK_M = 16, the smallest tl.dot tile, and long key blocks. D 128 has one config, not tuned:
+# (16, 128, 4, 2) was the fastest or within 1% of it at every measured case (caches of 16k and
+# 128k, B 1 and 8, contiguous and paged), and tuning, keyed by a length bucket that 16k and
+# 128k share, could pick on a launch-bound first call a config 13% slower at 128k × 8 paged
+# (docs/performance.md, v5.18). The other head dims: not yet measured.
 _CANDIDATES_DECODE: dict[int, list[tuple[int, int, int, int]]] = {
     64: [(16, 64, 4, 3), (16, 128, 4, 3), (64, 64, 4, 3)],
-    128: [(16, 64, 4, 3), (16, 128, 4, 2), (16, 128, 8, 3), (64, 64, 4, 3)],
+    128: [(16, 128, 4, 2)],
     256: [(16, 32, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2)],
     512: [(16, 16, 4, 1), (16, 32, 4, 1)],
 }
@@ -211,10 +216,10 @@ TUNABLES: list[Tunable] = []  # every Tunable made, in import order (for `tuned_
 
 
 class Tunable:
-    """A kernel beside its autotuned twin. `select(head_dim_padded, precision)` gives what to
-    launch: the kernel (through `Launcher`) with a fixed config (interpreter, override,
-    FLASHTILE_AUTOTUNE=0), else the autotuner over `tuning_space(name)`, keyed by TUNING_KEY,
-    through `Remembered`."""
+    """A kernel beside its autotuned twin. `select(head_dim_padded, precision, decode)` gives
+    what to launch: the kernel (through `Launcher`) with a fixed config (interpreter, override,
+    FLASHTILE_AUTOTUNE=0, a single candidate), else the autotuner over `tuning_space(name)`,
+    keyed by TUNING_KEY, through `Remembered`."""
 
     def __init__(self, name: str, kernel, extra_key: tuple[str, ...] = ()):
         TUNABLES.append(self)
@@ -226,8 +231,8 @@ class Tunable:
         self.launcher = Launcher(kernel)
         self.remembered = Remembered(self)
 
-    def select(self, head_dim_padded: int, precision: str):
-        fixed = fixed_config(self.name, head_dim_padded, precision)
+    def select(self, head_dim_padded: int, precision: str, decode: bool = False):
+        fixed = fixed_config(self.name, head_dim_padded, precision, decode)
         return (self.launcher, fixed.launch_kwargs()) if fixed else (self.remembered, {})
 
 

@@ -337,7 +337,8 @@ def _launch_forward(q, k, v, opts: AttnOptions, num_splits: int, out_dtype: torc
     kv_flags = opts.kv_flags()
     use_tma = loads_through_tma(k, v, opts, seqlen_k)
     kernel, launch = _attn_fwd_tunable.select(configs.head_dim_pad(head_dim),
-                                              configs.dot_precision(q.dtype))
+                                              configs.dot_precision(q.dtype),
+                                              decode=kv_flags["KV_CACHE"])
 
     def grid(meta):
         return (configs.cdiv(rows, meta["BLOCK_M"]), programs, batch * num_splits)
