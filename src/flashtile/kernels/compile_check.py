@@ -121,9 +121,9 @@ def compile_variant(name: str) -> list[str]:
 def compile_hopper(head_dim: int, causal: bool, ws: bool, config=None,
                    as_launched: bool = False, varlen: bool = False, out_f32: bool = False):
     """A Gluon forward of kernels/hopper.py (the warp-specialized one with ws) for bf16, at
-    `config` (BLOCK_M, BLOCK_N, STAGES, num_warps) or the head dim's chosen one; out_f32: O in
-    float32 (ring attention's partial results)."""
-    block_m, block_n, stages, warps = config or hopper.CHOICE[head_dim][1]
+    `config` (BLOCK_M, BLOCK_N, STAGES, num_warps) or the kernel's default at the head dim
+    (hopper.default_config); out_f32: O in float32 (ring attention's partial results)."""
+    block_m, block_n, stages, warps = config or hopper.default_config(head_dim, ws)
     warps = 4 if ws else warps
     flags = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
                  CAUSAL=causal, VARLEN=varlen, OUT_F32=out_f32, num_warps=warps)

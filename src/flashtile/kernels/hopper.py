@@ -53,12 +53,23 @@ from flashtile.kernels import configs
 from flashtile.kernels.launch import launcher_for
 from flashtile.kernels.params import LOG2E
 
-# Per head dim, the kernel and config that measured fastest (docs/performance.md v6, H200):
-# (warp-specialized?, (BLOCK_M, BLOCK_N, STAGES, num_warps)). Both kernels take either head dim.
-CHOICE = {64: (False, (128, 64, 2, 8)), 128: (True, (128, 128, 3, 4))}
+# Per head dim, the kernel and config that measured fastest (docs/performance.md v6, and v7.14
+# for D 64, H200): (warp-specialized?, (BLOCK_M, BLOCK_N, STAGES, num_warps)). Both kernels
+# take either head dim.
+CHOICE = {64: (False, (64, 128, 2, 4)), 128: (True, (128, 128, 3, 4))}
 # The shortest key length at which that choice beat forward.py in the same run, per (head dim,
 # causal); below it, and for query blocks shorter than BLOCK_M, forward.py stays (`preferred`).
 MIN_SEQLEN_K = {(64, False): 1024, (64, True): 4096, (128, False): 1024, (128, True): 2048}
+# The warp-specialized kernel's config where the head dim's choice does not fit it (its two
+# warpgroups own 64 query rows each, so BLOCK_M = 128): tests and sweeps that ask for it.
+WS_FALLBACK = (128, 128, 2, 4)
+
+
+def default_config(head_dim: int, ws: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, STAGES, num_warps) of a kernel at a head dim: CHOICE's, unless the
+    warp-specialized kernel is asked for and CHOICE's BLOCK_M is not 128 (WS_FALLBACK)."""
+    config = CHOICE[head_dim][1]
+    return WS_FALLBACK if ws and config[0] != 128 else config
 
 
 @gluon.jit
@@ -555,19 +566,19 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts,
     """The forward of a supported call: out (B, Nq, H, D) in q's dtype and layout, lse
     (B, H, Nq) float32, natural log, as forward.attention_forward returns them (with varlen
     (1, total_q, H, D) and (1, H, total_q)).
-    ws: the warp-specialized kernel or the pipelined one; config: (BLOCK_M, BLOCK_N, STAGES,
-    num_warps; the warp-specialized kernel runs 4 + 4 + 1 warps whatever it says); both default
-    to CHOICE[head dim]. out, lse: buffers to write (tests pass poisoned ones), else new; out
-    in q's dtype or float32 (ring attention's partial results), with q's shape."""
+    ws: the warp-specialized kernel or the pipelined one, CHOICE[head dim]'s by default;
+    config: (BLOCK_M, BLOCK_N, STAGES, num_warps; the warp-specialized kernel runs 4 + 4 + 1
+    warps whatever it says), `default_config` by default. out, lse: buffers to write (tests
+    pass poisoned ones), else new; out in q's dtype or float32 (ring attention's partial
+    results), with q's shape."""
     nheads, head_dim, nheads_k = q.shape[2], q.shape[3], k.shape[2]
     if out is not None and (out.dtype not in (q.dtype, torch.float32) or out.shape != q.shape
                             or out.stride(-1) != 1):
         raise ValueError(f"out must have q's shape {tuple(q.shape)}, a unit last stride and "
                          f"q's dtype or float32; got {tuple(out.shape)}, {out.dtype}")
     batch, seqlen_q, seqlen_k = opts.problem(q, k)  # with varlen: entries, longest lengths
-    chosen_ws, chosen_config = CHOICE[head_dim]
-    ws = chosen_ws if ws is None else ws
-    block_m, block_n, stages, warps = config or chosen_config
+    ws = CHOICE[head_dim][0] if ws is None else ws
+    block_m, block_n, stages, warps = config or default_config(head_dim, ws)
     out = torch.empty_like(q) if out is None else out
     if lse is None:  # (B, H, Nq); with varlen (1, H, total_q)
         lse = torch.empty(q.shape[0], nheads, q.shape[1], device=q.device, dtype=torch.float32)
