@@ -191,6 +191,7 @@ def test_the_forward_takes_the_gluon_path_where_it_measured_faster(head_dim, cau
     (64, False, 1024, 1024, True), (64, False, 1024, 1023, False),
     (64, True, 4096, 4096, True), (64, True, 4096, 4095, False),
     (128, False, 127, 4096, False),  # less than one query block: forward.py
+    (64, False, 63, 4096, False), (64, False, 64, 4096, True),  # D 64's blocks are 64 rows
     (96, False, 4096, 4096, False)])  # a head dim without a choice
 def test_preferred_follows_the_measured_thresholds(head_dim, causal, seqlen_q, seqlen_k, taken,
                                                    monkeypatch):
@@ -202,3 +203,15 @@ def test_preferred_follows_the_measured_thresholds(head_dim, causal, seqlen_q, s
     opts = AttnOptions(softmax_scale=0.1, diag_offset=seqlen_k - seqlen_q,
                        window_right=0 if causal else -1)
     assert hopper.preferred(q, k, k, opts) is taken
+
+
+def test_default_config_fits_the_kernel_asked_for():
+    """Each head dim's choice, except that the warp-specialized kernel (two warpgroups of 64
+    query rows) gets 128-row tiles where the choice has fewer (D 64's 64-row pipelined tiles)."""
+    for head_dim, (ws, config) in hopper.CHOICE.items():
+        assert hopper.default_config(head_dim, ws) == config
+        assert hopper.default_config(head_dim, True)[0] == 128
+    assert hopper.CHOICE[64] == (False, (64, 128, 2, 4))
+    assert hopper.default_config(64, False) == (64, 128, 2, 4)
+    assert hopper.default_config(64, True) == hopper.WS_FALLBACK
+    assert hopper.default_config(128, False) == hopper.CHOICE[128][1]

@@ -233,3 +233,27 @@ def test_flash_attention_2_packed_arguments():
         base = runs["sdpa"](input_ids=ids, position_ids=positions, use_cache=False).logits
     assert torch.equal(explicit, found)
     assert_close("explicit cu_seq_lens", explicit, ref, tolerance(ref, base, torch.float32))
+
+
+def test_both_forms_of_the_packed_overlay_are_recognized(monkeypatch):
+    """transformers 5.25 wraps the pattern in remap_positions_for_packed_sequence before the
+    packed-sequence mask; 5.0 to 5.17 apply the mask to the pattern as it is. Both reduce to
+    (pattern, sequence indices); a pattern under another overlay is left alone."""
+    from transformers import masking_utils as mu
+
+    from flashtile.integrations import transformers as ft_hf
+
+    sequences = torch.tensor([[0, 0, 1, 1, 1]])
+    window = mu.sliding_window_causal_mask_function(3)
+    unremapped = mu.and_masks(window, mu.packed_sequence_mask_function(sequences))
+    other = mu.and_masks(window, mu.padding_mask_function(torch.ones(1, 5, dtype=torch.bool)))
+    if ft_hf._REMAP_CODE is not None:  # this transformers remaps: its own form is recognized
+        remapped = mu.and_masks(mu.remap_positions_for_packed_sequence(window, sequences),
+                                mu.packed_sequence_mask_function(sequences))
+        pattern, found = ft_hf._packed_overlay(remapped)
+        assert pattern is window and found is sequences
+        assert ft_hf._packed_overlay(unremapped) == (unremapped, None)
+    monkeypatch.setattr(ft_hf, "_REMAP_CODE", None)  # as with transformers 5.0 to 5.17
+    pattern, found = ft_hf._packed_overlay(unremapped)
+    assert pattern is window and found is sequences
+    assert ft_hf._packed_overlay(other) == (other, None)
